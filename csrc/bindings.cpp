@@ -1,0 +1,193 @@
+// The only torch-facing file of raid_fast._C: argument checks, device dispatch, pybind11 module.
+// Kernels live in plain C++ (csrc/kmeans/kmeans_cpu.cpp) and CUDA files that include no torch
+// header (csrc/kmeans/kmeans_cuda.cu); they trust what is checked here.
+#include <torch/extension.h>
+
+#include <cstdint>
+#include <string>
+#include <tuple>
+
+#ifdef WITH_CUDA
+// c10's stream and guard headers need only the CUDA runtime (ATen's CUDAContext would also pull
+// in cuBLAS/cuSPARSE headers that a bare toolkit may not ship)
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+#endif
+
+#include "kmeans/kmeans.h"
+
+namespace {
+
+#define CHECK_F32_CONTIG(t)                                                                     \
+  TORCH_CHECK((t).scalar_type() == at::kFloat, #t " must be float32, got ", (t).scalar_type()); \
+  TORCH_CHECK((t).is_contiguous(), #t " must be contiguous")
+
+#define CHECK_I64_CONTIG(t)                                                                   \
+  TORCH_CHECK((t).scalar_type() == at::kLong, #t " must be int64, got ", (t).scalar_type()); \
+  TORCH_CHECK((t).is_contiguous(), #t " must be contiguous")
+
+// offsets live on the host for CPU kernels and on the points' device for CUDA kernels
+void check_groups(const at::Tensor& x, const at::Tensor& offsets) {
+  TORCH_CHECK(x.dim() == 2, "x must be [N, D], got ", x.dim(), "-d");
+  CHECK_F32_CONTIG(x);
+  TORCH_CHECK(offsets.dim() == 1 && offsets.numel() >= 1, "offsets must be [G + 1]");
+  CHECK_I64_CONTIG(offsets);
+  TORCH_CHECK(offsets.device() == x.device(), "offsets must be on ", x.device(), ", got ",
+              offsets.device());
+}
+
+bool is_cuda(const at::Tensor& x) {
+  if (!x.is_cuda()) {
+    TORCH_CHECK(x.device().is_cpu(), "raid_fast._C supports CPU and CUDA tensors, got ",
+                x.device());
+    return false;
+  }
+#ifndef WITH_CUDA
+  TORCH_CHECK(false, "raid_fast was built without CUDA; cannot run on ", x.device(),
+              " (rebuild with nvcc available, see `raid-fast env`)");
+#endif
+  return true;
+}
+
+#ifdef WITH_CUDA
+void* current_stream(const at::Tensor& x) {
+  return static_cast<void*>(c10::cuda::getCurrentCUDAStream(x.device().index()).stream());
+}
+#endif
+
+std::tuple<at::Tensor, at::Tensor> kmeans_assign(const at::Tensor& x, const at::Tensor& offsets,
+                                                 int64_t max_group_size,
+                                                 const at::Tensor& centroids, int64_t num_threads) {
+  check_groups(x, offsets);
+  CHECK_F32_CONTIG(centroids);
+  const int64_t groups = offsets.numel() - 1;
+  TORCH_CHECK(centroids.dim() == 3 && centroids.size(0) == groups && centroids.size(2) == x.size(1),
+              "centroids must be [", groups, ", k, ", x.size(1), "], got ", centroids.sizes());
+  TORCH_CHECK(centroids.device() == x.device(), "centroids must be on ", x.device());
+  const int64_t n = x.size(0), d = x.size(1), k = centroids.size(1);
+  auto dist = at::empty({n}, x.options());
+  auto idx = at::empty({n}, x.options().dtype(at::kLong));
+  if (n == 0) return {dist, idx};
+  if (is_cuda(x)) {
+#ifdef WITH_CUDA
+    c10::cuda::CUDAGuard guard(x.device());
+    raid_fast::kmeans_assign_cuda(x.data_ptr<float>(), offsets.data_ptr<int64_t>(), groups,
+                                  max_group_size, d, centroids.data_ptr<float>(), k,
+                                  dist.data_ptr<float>(), idx.data_ptr<int64_t>(),
+                                  current_stream(x));
+#endif
+  } else {
+    raid_fast::kmeans_assign_cpu(x.data_ptr<float>(), offsets.data_ptr<int64_t>(), groups, d,
+                                 centroids.data_ptr<float>(), k, dist.data_ptr<float>(),
+                                 idx.data_ptr<int64_t>(), static_cast<int>(num_threads));
+  }
+  return {dist, idx};
+}
+
+std::tuple<at::Tensor, at::Tensor> kmeans_update(const at::Tensor& x, const at::Tensor& offsets,
+                                                 int64_t max_group_size, const at::Tensor& idx,
+                                                 int64_t k, bool spherical, int64_t num_threads) {
+  check_groups(x, offsets);
+  CHECK_I64_CONTIG(idx);
+  TORCH_CHECK(idx.dim() == 1 && idx.size(0) == x.size(0), "idx must be [", x.size(0), "]");
+  TORCH_CHECK(idx.device() == x.device(), "idx must be on ", x.device());
+  TORCH_CHECK(k >= 1, "k must be >= 1, got ", k);
+  const int64_t groups = offsets.numel() - 1, d = x.size(1);
+  auto centroids = at::empty({groups, k, d}, x.options());
+  auto counts = at::empty({groups, k}, x.options().dtype(at::kLong));
+  if (groups == 0) return {centroids, counts};
+  if (is_cuda(x)) {
+#ifdef WITH_CUDA
+    c10::cuda::CUDAGuard guard(x.device());
+    auto workspace = at::empty({raid_fast::kmeans_update_cuda_workspace_bytes(groups, k, d)},
+                               x.options().dtype(at::kByte));
+    raid_fast::kmeans_update_cuda(x.data_ptr<float>(), offsets.data_ptr<int64_t>(), groups,
+                                  max_group_size, d, idx.data_ptr<int64_t>(), k, spherical,
+                                  centroids.data_ptr<float>(), counts.data_ptr<int64_t>(),
+                                  workspace.data_ptr(), current_stream(x));
+#endif
+  } else {
+    raid_fast::kmeans_update_cpu(x.data_ptr<float>(), offsets.data_ptr<int64_t>(), groups, d,
+                                 idx.data_ptr<int64_t>(), k, spherical,
+                                 centroids.data_ptr<float>(), counts.data_ptr<int64_t>(),
+                                 static_cast<int>(num_threads));
+  }
+  return {centroids, counts};
+}
+
+std::tuple<at::Tensor, at::Tensor> kmeans_plusplus(const at::Tensor& x, const at::Tensor& offsets,
+                                                   int64_t max_group_size, int64_t k,
+                                                   const at::Tensor& uniforms,
+                                                   int64_t num_threads) {
+  check_groups(x, offsets);
+  const int64_t groups = offsets.numel() - 1, d = x.size(1);
+  TORCH_CHECK(k >= 1, "k must be >= 1, got ", k);
+  TORCH_CHECK(uniforms.scalar_type() == at::kDouble && uniforms.is_contiguous() &&
+                  uniforms.dim() == 2 && uniforms.size(0) == groups && uniforms.size(1) == k,
+              "uniforms must be contiguous float64 [", groups, ", ", k, "]");
+  TORCH_CHECK(uniforms.device() == x.device(), "uniforms must be on ", x.device());
+  auto centroids = at::empty({groups, k, d}, x.options());
+  auto chosen = at::empty({groups, k}, x.options().dtype(at::kLong));
+  if (groups == 0) return {centroids, chosen};
+  if (is_cuda(x)) {
+#ifdef WITH_CUDA
+    c10::cuda::CUDAGuard guard(x.device());
+    auto workspace = at::empty(
+        {raid_fast::kmeans_plusplus_cuda_workspace_bytes(x.size(0), groups, max_group_size)},
+        x.options().dtype(at::kByte));
+    raid_fast::kmeans_plusplus_cuda(x.data_ptr<float>(), offsets.data_ptr<int64_t>(), groups,
+                                    max_group_size, d, k, uniforms.data_ptr<double>(),
+                                    centroids.data_ptr<float>(), chosen.data_ptr<int64_t>(),
+                                    workspace.data_ptr(), current_stream(x));
+#endif
+  } else {
+    raid_fast::kmeans_plusplus_cpu(x.data_ptr<float>(), offsets.data_ptr<int64_t>(), groups, d, k,
+                                   uniforms.data_ptr<double>(), centroids.data_ptr<float>(),
+                                   chosen.data_ptr<int64_t>(), static_cast<int>(num_threads));
+  }
+  return {centroids, chosen};
+}
+
+bool cuda_compiled() {
+#ifdef WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+  info["cuda"] = cuda_compiled();
+#ifdef WITH_CUDA
+  info["cuda_runtime_version"] = CUDART_VERSION;
+#endif
+#ifdef _OPENMP
+  info["openmp"] = _OPENMP;
+#else
+  info["openmp"] = false;
+#endif
+#if defined(__clang__)
+  info["compiler"] = std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+  info["compiler"] = std::string("gcc ") + __VERSION__;
+#endif
+#if defined(TORCH_VERSION_MAJOR)
+  info["torch_built_with"] = std::to_string(TORCH_VERSION_MAJOR) + "." +
+                             std::to_string(TORCH_VERSION_MINOR) + "." +
+                             std::to_string(TORCH_VERSION_PATCH);
+#endif
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "raid_fast compiled kernels (KMeans CPU twin and CUDA)";
+  m.def("kmeans_assign", &kmeans_assign, "fused nearest-centroid search over ragged groups");
+  m.def("kmeans_update", &kmeans_update, "Lloyd update with empty-cluster splitting");
+  m.def("kmeans_plusplus", &kmeans_plusplus, "k-means++ seeding from given uniforms");
+  m.def("cuda_compiled", &cuda_compiled, "whether the CUDA kernels were compiled in");
+  m.def("build_info", &build_info, "compile-time configuration");
+}

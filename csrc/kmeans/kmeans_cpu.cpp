@@ -1,0 +1,811 @@
+// CPU kernels of the KMeans interface declared in kmeans.h: fused assignment, Lloyd update and
+// k-means++ seeding. AVX2/FMA paths are chosen at run time, so the build needs no -march flag.
+#include "kmeans.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <limits>
+#include <memory>
+#include <new>
+#include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define RAID_FAST_X86 1
+#endif
+
+// omp directives go through a macro so that a build without -fopenmp drops them silently instead
+// of warning about unknown pragmas.
+#ifdef _OPENMP
+#include <omp.h>
+#define RAID_FAST_PRAGMA(x) _Pragma(#x)
+#define RAID_FAST_OMP(...) RAID_FAST_PRAGMA(omp __VA_ARGS__)
+#else
+#define RAID_FAST_OMP(...)
+#endif
+
+// an empty asm that claims to modify v keeps a product from being fused into the following add:
+// under -ffp-contract=fast with fma enabled the compiler could otherwise emit an fma and change
+// the float32 rounding that the k-means++ contract pins down.
+#if defined(__GNUC__) && defined(__x86_64__)
+#define RAID_FAST_OPAQUE(v) __asm__("" : "+x"(v))
+#elif defined(__GNUC__) && defined(__aarch64__)
+#define RAID_FAST_OPAQUE(v) __asm__("" : "+w"(v))
+#else
+#define RAID_FAST_OPAQUE(v) ((void)0)
+#endif
+
+namespace raid_fast {
+namespace {
+
+int thread_id() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+int team_size() {
+#ifdef _OPENMP
+  return omp_get_num_threads();
+#else
+  return 1;
+#endif
+}
+
+struct FreeDeleter {
+  void operator()(void* p) const { std::free(p); }
+};
+
+// 64-byte aligned float storage, so packed centroid panels can use aligned loads.
+std::unique_ptr<float[], FreeDeleter> alloc_floats(int64_t n) {
+  size_t bytes = static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(float);
+  bytes = (bytes + 63) / 64 * 64;
+  void* p = std::aligned_alloc(64, bytes);
+  if (p == nullptr) throw std::bad_alloc();
+  return std::unique_ptr<float[], FreeDeleter>(static_cast<float*>(p));
+}
+
+bool cpu_has_avx2_fma() {
+#ifdef RAID_FAST_X86
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+int64_t group_k(const int64_t* offsets, int64_t g, int64_t k) {
+  return std::min(k, offsets[g + 1] - offsets[g]);
+}
+
+int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// points per register tile of the micro-kernel: 6 points x 16 centroids = 12 ymm accumulators.
+constexpr int kTileRows = 6;
+// points per scheduling chunk handed to a thread.
+constexpr int64_t kAssignChunk = 16 * kTileRows;
+// dims per pass of the avx2 path: a [kDimBlock, 16] panel slice plus a tile's rows fit in l1.
+#ifndef KDB
+#define KDB 192
+#endif
+constexpr int64_t kDimBlock = KDB;
+
+// the group's centroids as column panels: panel j0 (16 or, for the last one, 8 columns wide) lives
+// at pack + j0 * D with layout [D][width]; columns >= k_g are zero and get a norm of +inf so that
+// they can never win the argmin.
+void pack_centroids(const float* cent, int64_t kg, int64_t kp, int64_t D, float* pack, float* c2) {
+  for (int64_t j0 = 0; j0 < kp; j0 += 16) {
+    const int64_t w = std::min<int64_t>(16, kp - j0);
+    float* panel = pack + j0 * D;  // [D, w]
+    for (int64_t c = 0; c < w; ++c) {
+      const int64_t j = j0 + c;
+      if (j < kg) {
+        const float* row = cent + j * D;
+        double s = 0.0;
+        for (int64_t d = 0; d < D; ++d) {
+          panel[d * w + c] = row[d];
+          s += static_cast<double>(row[d]) * row[d];
+        }
+        c2[j] = static_cast<float>(s);
+      } else {
+        for (int64_t d = 0; d < D; ++d) panel[d * w + c] = 0.0f;
+        c2[j] = std::numeric_limits<float>::infinity();
+      }
+    }
+  }
+}
+
+// scalar argmin over the finished row of distances: strict < in ascending j gives the smallest
+// index on ties.
+void argmin_scalar(const float* dv, int64_t kg, float* dist, int64_t* idx) {
+  float best = dv[0];
+  int64_t bj = 0;
+  for (int64_t j = 1; j < kg; ++j) {
+    if (dv[j] < best) {
+      best = dv[j];
+      bj = j;
+    }
+  }
+  *dist = best > 0.0f ? best : 0.0f;
+  *idx = bj;
+}
+
+template <int W>
+void dot_tile_generic(const float* const* xr, const float* panel, int64_t D, float* out,
+                      int64_t ldo) {
+  float acc[kTileRows][W] = {};
+  for (int64_t d = 0; d < D; ++d) {
+    const float* b = panel + d * W;  // [W]
+    for (int p = 0; p < kTileRows; ++p) {
+      const float a = xr[p][d];
+      for (int c = 0; c < W; ++c) acc[p][c] += a * b[c];
+    }
+  }
+  for (int p = 0; p < kTileRows; ++p) {
+    for (int c = 0; c < W; ++c) out[p * ldo + c] = acc[p][c];
+  }
+}
+
+// portable path, same tiling as the avx2 path so that the compiler can vectorise over columns.
+void assign_chunk_generic(const float* x, int64_t D, int64_t begin, int64_t end, const float* pack,
+                          const float* c2, int64_t kg, int64_t kp, float* buf, float* dist,
+                          int64_t* idx) {
+  for (int64_t i0 = begin; i0 < end; i0 += kTileRows) {
+    const int64_t rows = std::min<int64_t>(kTileRows, end - i0);
+    // missing rows of a short tile repeat the last real row; their results are dropped.
+    const float* xr[kTileRows];
+    for (int p = 0; p < kTileRows; ++p) xr[p] = x + (i0 + std::min<int64_t>(p, rows - 1)) * D;
+    int64_t j0 = 0;
+    for (; j0 + 16 <= kp; j0 += 16) dot_tile_generic<16>(xr, pack + j0 * D, D, buf + j0, kp);
+    if (j0 < kp) dot_tile_generic<8>(xr, pack + j0 * D, D, buf + j0, kp);
+    for (int64_t p = 0; p < rows; ++p) {
+      float x2 = 0.0f;
+      for (int64_t d = 0; d < D; ++d) x2 += xr[p][d] * xr[p][d];
+      float* dv = buf + p * kp;  // [kp]
+      for (int64_t j = 0; j < kg; ++j) dv[j] = (x2 + c2[j]) - 2.0f * dv[j];
+      argmin_scalar(dv, kg, dist + i0 + p, idx + i0 + p);
+    }
+  }
+}
+
+#ifdef RAID_FAST_X86
+
+// register-blocked x . c for kTileRows points and 16 centroids over dims d0 .. d1-1: per dim, two
+// aligned loads of the packed centroid row and one broadcast per point feed 12 fmas. the 12
+// accumulators are named variables so that no compiler is tempted to keep them in memory. with
+// add set, the tile continues the sums already in out (a later block of dims).
+__attribute__((target("avx2,fma"))) inline void dot_tile16_avx2(const float* const* xr,
+                                                                const float* panel, int64_t d0,
+                                                                int64_t d1, bool add, float* out,
+                                                                int64_t ldo) {
+  __m256 c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
+  if (add) {
+    c00 = _mm256_loadu_ps(out), c01 = _mm256_loadu_ps(out + 8);
+    c10 = _mm256_loadu_ps(out + ldo), c11 = _mm256_loadu_ps(out + ldo + 8);
+    c20 = _mm256_loadu_ps(out + 2 * ldo), c21 = _mm256_loadu_ps(out + 2 * ldo + 8);
+    c30 = _mm256_loadu_ps(out + 3 * ldo), c31 = _mm256_loadu_ps(out + 3 * ldo + 8);
+    c40 = _mm256_loadu_ps(out + 4 * ldo), c41 = _mm256_loadu_ps(out + 4 * ldo + 8);
+    c50 = _mm256_loadu_ps(out + 5 * ldo), c51 = _mm256_loadu_ps(out + 5 * ldo + 8);
+  } else {
+    c00 = c01 = c10 = c11 = c20 = c21 = _mm256_setzero_ps();
+    c30 = c31 = c40 = c41 = c50 = c51 = _mm256_setzero_ps();
+  }
+  const float* x0 = xr[0];
+  const float* x1 = xr[1];
+  const float* x2 = xr[2];
+  const float* x3 = xr[3];
+  const float* x4 = xr[4];
+  const float* x5 = xr[5];
+  for (int64_t d = d0; d < d1; ++d) {
+    const __m256 b0 = _mm256_load_ps(panel + d * 16);
+    const __m256 b1 = _mm256_load_ps(panel + d * 16 + 8);
+    __m256 a = _mm256_broadcast_ss(x0 + d);
+    c00 = _mm256_fmadd_ps(a, b0, c00);
+    c01 = _mm256_fmadd_ps(a, b1, c01);
+    a = _mm256_broadcast_ss(x1 + d);
+    c10 = _mm256_fmadd_ps(a, b0, c10);
+    c11 = _mm256_fmadd_ps(a, b1, c11);
+    a = _mm256_broadcast_ss(x2 + d);
+    c20 = _mm256_fmadd_ps(a, b0, c20);
+    c21 = _mm256_fmadd_ps(a, b1, c21);
+    a = _mm256_broadcast_ss(x3 + d);
+    c30 = _mm256_fmadd_ps(a, b0, c30);
+    c31 = _mm256_fmadd_ps(a, b1, c31);
+    a = _mm256_broadcast_ss(x4 + d);
+    c40 = _mm256_fmadd_ps(a, b0, c40);
+    c41 = _mm256_fmadd_ps(a, b1, c41);
+    a = _mm256_broadcast_ss(x5 + d);
+    c50 = _mm256_fmadd_ps(a, b0, c50);
+    c51 = _mm256_fmadd_ps(a, b1, c51);
+  }
+  _mm256_storeu_ps(out, c00);
+  _mm256_storeu_ps(out + 8, c01);
+  _mm256_storeu_ps(out + ldo, c10);
+  _mm256_storeu_ps(out + ldo + 8, c11);
+  _mm256_storeu_ps(out + 2 * ldo, c20);
+  _mm256_storeu_ps(out + 2 * ldo + 8, c21);
+  _mm256_storeu_ps(out + 3 * ldo, c30);
+  _mm256_storeu_ps(out + 3 * ldo + 8, c31);
+  _mm256_storeu_ps(out + 4 * ldo, c40);
+  _mm256_storeu_ps(out + 4 * ldo + 8, c41);
+  _mm256_storeu_ps(out + 5 * ldo, c50);
+  _mm256_storeu_ps(out + 5 * ldo + 8, c51);
+}
+
+// the same for the last panel when it is only 8 centroids wide.
+__attribute__((target("avx2,fma"))) inline void dot_tile8_avx2(const float* const* xr,
+                                                               const float* panel, int64_t d0,
+                                                               int64_t d1, bool add, float* out,
+                                                               int64_t ldo) {
+  __m256 c0, c1, c2, c3, c4, c5;
+  if (add) {
+    c0 = _mm256_loadu_ps(out);
+    c1 = _mm256_loadu_ps(out + ldo);
+    c2 = _mm256_loadu_ps(out + 2 * ldo);
+    c3 = _mm256_loadu_ps(out + 3 * ldo);
+    c4 = _mm256_loadu_ps(out + 4 * ldo);
+    c5 = _mm256_loadu_ps(out + 5 * ldo);
+  } else {
+    c0 = c1 = c2 = c3 = c4 = c5 = _mm256_setzero_ps();
+  }
+  const float* x0 = xr[0];
+  const float* x1 = xr[1];
+  const float* x2 = xr[2];
+  const float* x3 = xr[3];
+  const float* x4 = xr[4];
+  const float* x5 = xr[5];
+  for (int64_t d = d0; d < d1; ++d) {
+    const __m256 b = _mm256_load_ps(panel + d * 8);
+    c0 = _mm256_fmadd_ps(_mm256_broadcast_ss(x0 + d), b, c0);
+    c1 = _mm256_fmadd_ps(_mm256_broadcast_ss(x1 + d), b, c1);
+    c2 = _mm256_fmadd_ps(_mm256_broadcast_ss(x2 + d), b, c2);
+    c3 = _mm256_fmadd_ps(_mm256_broadcast_ss(x3 + d), b, c3);
+    c4 = _mm256_fmadd_ps(_mm256_broadcast_ss(x4 + d), b, c4);
+    c5 = _mm256_fmadd_ps(_mm256_broadcast_ss(x5 + d), b, c5);
+  }
+  _mm256_storeu_ps(out, c0);
+  _mm256_storeu_ps(out + ldo, c1);
+  _mm256_storeu_ps(out + 2 * ldo, c2);
+  _mm256_storeu_ps(out + 3 * ldo, c3);
+  _mm256_storeu_ps(out + 4 * ldo, c4);
+  _mm256_storeu_ps(out + 5 * ldo, c5);
+}
+
+__attribute__((target("avx2,fma"))) float sqnorm_avx2(const float* v, int64_t D) {
+  __m256 a0 = _mm256_setzero_ps();
+  __m256 a1 = _mm256_setzero_ps();
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16) {
+    const __m256 u0 = _mm256_loadu_ps(v + d);
+    const __m256 u1 = _mm256_loadu_ps(v + d + 8);
+    a0 = _mm256_fmadd_ps(u0, u0, a0);
+    a1 = _mm256_fmadd_ps(u1, u1, a1);
+  }
+  for (; d + 8 <= D; d += 8) {
+    const __m256 u0 = _mm256_loadu_ps(v + d);
+    a0 = _mm256_fmadd_ps(u0, u0, a0);
+  }
+  a0 = _mm256_add_ps(a0, a1);
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(a0), _mm256_extractf128_ps(a0, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_movehdup_ps(h));
+  float s = _mm_cvtss_f32(h);
+  for (; d < D; ++d) s += v[d] * v[d];
+  return s;
+}
+
+// turns the dots of one point into distances in place and takes the argmin: the vector min gives
+// the smallest value, the first column holding it is what a strict < scan in ascending j returns.
+__attribute__((target("avx2,fma"))) void argmin_avx2(float x2, const float* c2, int64_t kg,
+                                                     int64_t kp, float* dv, float* dist,
+                                                     int64_t* idx) {
+  const __m256 vx2 = _mm256_set1_ps(x2);
+  const __m256 two = _mm256_set1_ps(2.0f);
+  __m256 mv = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+  for (int64_t j = 0; j < kp; j += 8) {
+    const __m256 t = _mm256_add_ps(vx2, _mm256_loadu_ps(c2 + j));
+    const __m256 v = _mm256_fnmadd_ps(two, _mm256_loadu_ps(dv + j), t);
+    _mm256_storeu_ps(dv + j, v);
+    mv = _mm256_min_ps(mv, v);
+  }
+  __m128 h = _mm_min_ps(_mm256_castps256_ps128(mv), _mm256_extractf128_ps(mv, 1));
+  h = _mm_min_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_min_ss(h, _mm_movehdup_ps(h));
+  const float m = _mm_cvtss_f32(h);
+  for (int64_t j = 0; j < kg; ++j) {
+    if (dv[j] == m) {
+      *dist = m > 0.0f ? m : 0.0f;
+      *idx = j;
+      return;
+    }
+  }
+  // only reached with nan distances, where the vector min is not well defined.
+  argmin_scalar(dv, kg, dist, idx);
+}
+
+// loop order: blocks of kDimBlock dims, then panels, then tiles, so that the slice of one panel
+// [kDimBlock, 16] stays in l1 while the tiles of the chunk stream past it. the norms go first:
+// that pass pulls the chunk's rows into cache at full bandwidth before the fma loops need them.
+// buf [end - begin, kp] holds the dots until the argmin.
+__attribute__((target("avx2,fma"))) void assign_chunk_avx2(const float* x, int64_t D,
+                                                           int64_t begin, int64_t end,
+                                                           const float* pack, const float* c2,
+                                                           int64_t kg, int64_t kp, float* buf,
+                                                           float* dist, int64_t* idx) {
+  float x2[kAssignChunk];
+  for (int64_t i = begin; i < end; ++i) x2[i - begin] = sqnorm_avx2(x + i * D, D);
+  for (int64_t d0 = 0; d0 < D; d0 += kDimBlock) {
+    const int64_t d1 = std::min(D, d0 + kDimBlock);
+    for (int64_t j0 = 0; j0 < kp; j0 += 16) {
+      const float* panel = pack + j0 * D;
+      for (int64_t i0 = begin; i0 < end; i0 += kTileRows) {
+        const int64_t rows = std::min<int64_t>(kTileRows, end - i0);
+        // missing rows of a short tile repeat the last real row; their results are dropped.
+        const float* xr[kTileRows];
+        for (int p = 0; p < kTileRows; ++p) xr[p] = x + (i0 + std::min<int64_t>(p, rows - 1)) * D;
+        float* out = buf + (i0 - begin) * kp + j0;
+        if (j0 + 16 <= kp) {
+          dot_tile16_avx2(xr, panel, d0, d1, d0 > 0, out, kp);
+        } else {
+          dot_tile8_avx2(xr, panel, d0, d1, d0 > 0, out, kp);
+        }
+      }
+    }
+  }
+  for (int64_t i = begin; i < end; ++i) {
+    argmin_avx2(x2[i - begin], c2, kg, kp, buf + (i - begin) * kp, dist + i, idx + i);
+  }
+}
+
+#endif  // RAID_FAST_X86
+
+// groups with fewer point-dims than this are updated by a single thread each; larger ones split
+// their points among all threads.
+constexpr int64_t kSerialGroupWork = int64_t{1} << 20;
+
+// sums [kg, D] and cnt [kg] over points begin .. end-1 of x; labels outside [0, kg) are skipped.
+void accumulate(const float* x, const int64_t* idx, int64_t begin, int64_t end, int64_t D,
+                int64_t kg, double* sums, int64_t* cnt) {
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t j = idx[i];
+    if (j < 0 || j >= kg) continue;
+    ++cnt[j];
+    const float* xi = x + i * D;
+    double* s = sums + j * D;
+    for (int64_t d = 0; d < D; ++d) s[d] += static_cast<double>(xi[d]);
+  }
+}
+
+// means, empty-cluster splits and normalisation of one group from its sums [kg, D] and counts
+// [kg]; writes cent [k, D] and counts_out [k].
+void finalize_group(const double* sums, const int64_t* cnt, int64_t kg, int64_t k, int64_t D,
+                    bool spherical, float* cent, int64_t* counts_out) {
+  bool any_empty = false;
+  for (int64_t j = 0; j < kg; ++j) {
+    counts_out[j] = cnt[j];
+    float* c = cent + j * D;
+    if (cnt[j] > 0) {
+      const double n = static_cast<double>(cnt[j]);
+      for (int64_t d = 0; d < D; ++d) c[d] = static_cast<float>(sums[j * D + d] / n);
+    } else {
+      any_empty = true;
+    }
+  }
+  for (int64_t j = kg; j < k; ++j) {
+    counts_out[j] = 0;
+    std::fill(cent + j * D, cent + (j + 1) * D, 0.0f);
+  }
+  if (any_empty) {
+    std::vector<int64_t> work(cnt, cnt + kg);
+    const double up = 1.0 + kSplitEps;
+    const double down = 1.0 - kSplitEps;
+    for (int64_t j = 0; j < kg; ++j) {
+      if (work[j] != 0) continue;
+      // the sum of work stays N_g >= k_g >= 1, so the largest cluster is never empty.
+      int64_t m = 0;
+      for (int64_t jj = 1; jj < kg; ++jj) {
+        if (work[jj] > work[m]) m = jj;
+      }
+      float* cj = cent + j * D;
+      float* cm = cent + m * D;
+      for (int64_t d = 0; d < D; ++d) {
+        const double v = static_cast<double>(cm[d]);
+        const bool even = (d % 2) == 0;
+        cj[d] = static_cast<float>(v * (even ? up : down));
+        cm[d] = static_cast<float>(v * (even ? down : up));
+      }
+      work[j] = work[m] / 2;
+      work[m] -= work[j];
+    }
+  }
+  if (spherical) {
+    for (int64_t j = 0; j < kg; ++j) {
+      float* c = cent + j * D;
+      double s = 0.0;
+      for (int64_t d = 0; d < D; ++d) s += static_cast<double>(c[d]) * c[d];
+      const double norm = std::sqrt(s);
+      if (norm > 0.0) {
+        for (int64_t d = 0; d < D; ++d) c[d] = static_cast<float>(static_cast<double>(c[d]) / norm);
+      }
+    }
+  }
+}
+
+// groups with fewer point-dims than this are seeded by a single thread each.
+constexpr int64_t kSerialSeedWork = int64_t{1} << 18;
+// points per scheduling block of the parallel mind update.
+constexpr int64_t kSeedBlock = 256;
+
+// sum_d (x[d] - c[d])^2 with float32 terms added in order of d, as the seeding contract requires.
+float sqdist_exact(const float* x, const float* c, int64_t D) {
+  float s = 0.0f;
+  for (int64_t d = 0; d < D; ++d) {
+    const float diff = x[d] - c[d];
+    float sq = diff * diff;
+    RAID_FAST_OPAQUE(sq);
+    s += sq;
+  }
+  return s;
+}
+
+void mind_range_generic(const float* xg, int64_t D, int64_t begin, int64_t end, const float* c,
+                        bool first, float* mind) {
+  for (int64_t i = begin; i < end; ++i) {
+    const float v = sqdist_exact(xg + i * D, c, D);
+    if (first || v < mind[i]) mind[i] = v;
+  }
+}
+
+#ifdef RAID_FAST_X86
+
+// lane p of r[q] becomes element q of input row p.
+__attribute__((target("avx2"))) inline void transpose8(__m256* r) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]);
+  const __m256 t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]);
+  const __m256 t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]);
+  const __m256 t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]);
+  const __m256 t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 s0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 s1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 s2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 s3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 s4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 s5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 s6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 s7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
+  r[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
+  r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+  r[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
+  r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+  r[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
+  r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+  r[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
+  r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
+}
+
+// exact distances of 8 * NB consecutive rows: each lane owns one point and adds its terms in order
+// of d, so the result is bit-identical to sqdist_exact while NB independent chains hide latency.
+// no fma in the target on purpose: sub, mul and add must round separately.
+template <int NB>
+__attribute__((target("avx2"))) void sqdist_rows_avx2(const float* rows, int64_t D,
+                                                      const float* c, float* out) {
+  __m256 acc[NB];
+  for (int b = 0; b < NB; ++b) acc[b] = _mm256_setzero_ps();
+  const int64_t d8 = D / 8 * 8;
+  for (int64_t d0 = 0; d0 < d8; d0 += 8) {
+    __m256 cv[8];
+    for (int q = 0; q < 8; ++q) cv[q] = _mm256_broadcast_ss(c + d0 + q);
+    for (int b = 0; b < NB; ++b) {
+      __m256 r[8];
+      for (int p = 0; p < 8; ++p) r[p] = _mm256_loadu_ps(rows + (b * 8 + p) * D + d0);
+      transpose8(r);
+      for (int q = 0; q < 8; ++q) {
+        const __m256 diff = _mm256_sub_ps(r[q], cv[q]);
+        __m256 sq = _mm256_mul_ps(diff, diff);
+        RAID_FAST_OPAQUE(sq);
+        acc[b] = _mm256_add_ps(acc[b], sq);
+      }
+    }
+  }
+  for (int b = 0; b < NB; ++b) _mm256_storeu_ps(out + 8 * b, acc[b]);
+  if (d8 < D) {
+    for (int p = 0; p < 8 * NB; ++p) {
+      const float* xp = rows + p * D;
+      float s = out[p];
+      for (int64_t d = d8; d < D; ++d) {
+        const float diff = xp[d] - c[d];
+        float sq = diff * diff;
+        RAID_FAST_OPAQUE(sq);
+        s += sq;
+      }
+      out[p] = s;
+    }
+  }
+}
+
+__attribute__((target("avx2"))) void mind_range_avx2(const float* xg, int64_t D, int64_t begin,
+                                                     int64_t end, const float* c, bool first,
+                                                     float* mind) {
+  alignas(32) float v[32];
+  int64_t i = begin;
+  while (i < end) {
+    int64_t m;
+    if (end - i >= 32) {
+      sqdist_rows_avx2<4>(xg + i * D, D, c, v);
+      m = 32;
+    } else if (end - i >= 8) {
+      sqdist_rows_avx2<1>(xg + i * D, D, c, v);
+      m = 8;
+    } else {
+      m = end - i;
+      for (int64_t p = 0; p < m; ++p) v[p] = sqdist_exact(xg + (i + p) * D, c, D);
+    }
+    for (int64_t p = 0; p < m; ++p) {
+      if (first || v[p] < mind[i + p]) mind[i + p] = v[p];
+    }
+    i += m;
+  }
+}
+
+#endif  // RAID_FAST_X86
+
+void mind_range(const float* xg, int64_t D, int64_t begin, int64_t end, const float* c,
+                bool first, bool avx2, float* mind) {
+#ifdef RAID_FAST_X86
+  if (avx2) {
+    mind_range_avx2(xg, D, begin, end, c, first, mind);
+    return;
+  }
+#endif
+  (void)avx2;
+  mind_range_generic(xg, D, begin, end, c, first, mind);
+}
+
+int64_t uniform_pick(double u, int64_t n) {
+  const double f = std::floor(u * static_cast<double>(n));
+  if (!(f > 0.0)) return 0;
+  return f >= static_cast<double>(n - 1) ? n - 1 : static_cast<int64_t>(f);
+}
+
+// the next seed from mind [n]: sampling by the running sum in double, in order of i.
+int64_t pick_next(const float* mind, int64_t n, double u) {
+  double total = 0.0;
+  for (int64_t i = 0; i < n; ++i) total += static_cast<double>(mind[i]);
+  if (!(total > 0.0)) return uniform_pick(u, n);
+  const double target = u * total;
+  double run = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    run += static_cast<double>(mind[i]);
+    if (run > target) return i;
+  }
+  for (int64_t i = n - 1; i >= 0; --i) {
+    if (mind[i] > 0.0f) return i;
+  }
+  return uniform_pick(u, n);
+}
+
+// copies the chosen rows of a seeded group and clears the unused slots.
+void write_seeds(const float* xg, int64_t D, int64_t kg, int64_t k, const int64_t* picks,
+                 float* cent, int64_t* chosen) {
+  for (int64_t t = 0; t < kg; ++t) {
+    std::copy(xg + picks[t] * D, xg + (picks[t] + 1) * D, cent + t * D);
+    chosen[t] = picks[t];
+  }
+  for (int64_t t = kg; t < k; ++t) {
+    std::fill(cent + t * D, cent + (t + 1) * D, 0.0f);
+    chosen[t] = -1;
+  }
+}
+
+}  // namespace
+
+void kmeans_assign_cpu(const float* x, const int64_t* offsets, int64_t G, int64_t D,
+                       const float* centroids, int64_t k, float* dist, int64_t* idx,
+                       int num_threads) {
+  if (G <= 0 || k <= 0) return;
+  const int nt = std::max(1, num_threads);
+  const bool avx2 = cpu_has_avx2_fma();
+
+  // per group: padded width kp (multiple of 8) and offsets into the packed buffers.
+  std::vector<int64_t> kp(G), pack_off(G + 1, 0), c2_off(G + 1, 0);
+  int64_t max_kp = 8;
+  std::vector<int64_t> chunk_group, chunk_begin;
+  for (int64_t g = 0; g < G; ++g) {
+    kp[g] = round_up(std::max<int64_t>(group_k(offsets, g, k), 1), 8);
+    max_kp = std::max(max_kp, kp[g]);
+    pack_off[g + 1] = pack_off[g] + kp[g] * D;
+    c2_off[g + 1] = c2_off[g] + kp[g];
+    for (int64_t i = offsets[g]; i < offsets[g + 1]; i += kAssignChunk) {
+      chunk_group.push_back(g);
+      chunk_begin.push_back(i);
+    }
+  }
+  auto pack = alloc_floats(pack_off[G]);      // per group [kp, D] as column panels
+  auto c2 = alloc_floats(c2_off[G]);          // per group [kp]
+  auto bufs = alloc_floats(nt * kAssignChunk * max_kp);  // per thread [kAssignChunk, max_kp]
+  const int64_t n_chunks = static_cast<int64_t>(chunk_group.size());
+
+  RAID_FAST_OMP(parallel num_threads(nt))
+  {
+  RAID_FAST_OMP(for schedule(dynamic))
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t kg = group_k(offsets, g, k);
+      if (kg > 0) {
+        pack_centroids(centroids + g * k * D, kg, kp[g], D, pack.get() + pack_off[g],
+                       c2.get() + c2_off[g]);
+      }
+    }
+    float* buf = bufs.get() + thread_id() * kAssignChunk * max_kp;
+  RAID_FAST_OMP(for schedule(dynamic))
+    for (int64_t c = 0; c < n_chunks; ++c) {
+      const int64_t g = chunk_group[c];
+      const int64_t begin = chunk_begin[c];
+      const int64_t end = std::min(begin + kAssignChunk, offsets[g + 1]);
+      const int64_t kg = group_k(offsets, g, k);
+      const float* pg = pack.get() + pack_off[g];
+      const float* cg = c2.get() + c2_off[g];
+#ifdef RAID_FAST_X86
+      if (avx2) {
+        assign_chunk_avx2(x, D, begin, end, pg, cg, kg, kp[g], buf, dist, idx);
+        continue;
+      }
+#endif
+      assign_chunk_generic(x, D, begin, end, pg, cg, kg, kp[g], buf, dist, idx);
+    }
+  }
+  (void)avx2;
+}
+
+void kmeans_update_cpu(const float* x, const int64_t* offsets, int64_t G, int64_t D,
+                       const int64_t* idx, int64_t k, bool spherical, float* centroids,
+                       int64_t* counts, int num_threads) {
+  if (G <= 0 || k <= 0) return;
+  const int nt = std::max(1, num_threads);
+
+  std::vector<int64_t> small, large;
+  int64_t max_small_kd = 0, max_large_kd = 0;
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t n = offsets[g + 1] - offsets[g];
+    const int64_t kd = group_k(offsets, g, k) * D;
+    if (n * D < kSerialGroupWork || nt == 1) {
+      small.push_back(g);
+      max_small_kd = std::max(max_small_kd, kd);
+    } else {
+      large.push_back(g);
+      max_large_kd = std::max(max_large_kd, kd);
+    }
+  }
+
+  if (!small.empty()) {
+    // per thread: sums [k_g, D] and counts [k_g] of the group it is working on.
+    std::vector<double> sums(static_cast<size_t>(nt) * std::max<int64_t>(max_small_kd, 1));
+    std::vector<int64_t> cnts(static_cast<size_t>(nt) * k);
+    const int64_t n_small = static_cast<int64_t>(small.size());
+  RAID_FAST_OMP(parallel for schedule(dynamic) num_threads(nt))
+    for (int64_t s = 0; s < n_small; ++s) {
+      const int64_t g = small[s];
+      const int64_t kg = group_k(offsets, g, k);
+      double* sg = sums.data() + thread_id() * std::max<int64_t>(max_small_kd, 1);
+      int64_t* cg = cnts.data() + thread_id() * k;
+      std::fill(sg, sg + kg * D, 0.0);
+      std::fill(cg, cg + kg, int64_t{0});
+      accumulate(x, idx, offsets[g], offsets[g + 1], D, kg, sg, cg);
+      finalize_group(sg, cg, kg, k, D, spherical, centroids + g * k * D, counts + g * k);
+    }
+  }
+
+  if (!large.empty()) {
+    // per thread partial sums [k_g, D] and counts [k_g], reduced in thread order.
+    std::vector<double> sums(static_cast<size_t>(nt) * max_large_kd);
+    std::vector<int64_t> cnts(static_cast<size_t>(nt) * k);
+    for (const int64_t g : large) {
+      const int64_t kg = group_k(offsets, g, k);
+      const int64_t kd = kg * D;
+      const int64_t begin = offsets[g];
+      const int64_t n = offsets[g + 1] - begin;
+  RAID_FAST_OMP(parallel num_threads(nt))
+      {
+        const int t = thread_id();
+        const int T = team_size();
+        double* st = sums.data() + t * max_large_kd;
+        int64_t* ct = cnts.data() + t * k;
+        std::fill(st, st + kd, 0.0);
+        std::fill(ct, ct + kg, int64_t{0});
+        accumulate(x, idx, begin + n * t / T, begin + n * (t + 1) / T, D, kg, st, ct);
+  RAID_FAST_OMP(barrier)
+  RAID_FAST_OMP(for schedule(static))
+        for (int64_t e = 0; e < kd; ++e) {
+          double s = sums[e];
+          for (int u = 1; u < T; ++u) s += sums[u * max_large_kd + e];
+          sums[e] = s;
+        }
+  RAID_FAST_OMP(single)
+        {
+          for (int64_t j = 0; j < kg; ++j) {
+            for (int u = 1; u < T; ++u) cnts[j] += cnts[u * k + j];
+          }
+          finalize_group(sums.data(), cnts.data(), kg, k, D, spherical, centroids + g * k * D,
+                         counts + g * k);
+        }
+      }
+    }
+  }
+}
+
+void kmeans_plusplus_cpu(const float* x, const int64_t* offsets, int64_t G, int64_t D, int64_t k,
+                         const double* uniforms, float* centroids, int64_t* chosen,
+                         int num_threads) {
+  if (G <= 0 || k <= 0) return;
+  const int nt = std::max(1, num_threads);
+  const bool avx2 = cpu_has_avx2_fma();
+
+  std::vector<int64_t> small, large;
+  int64_t max_small_n = 1, max_large_n = 1;
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t n = offsets[g + 1] - offsets[g];
+    if (n * D < kSerialSeedWork || nt == 1) {
+      small.push_back(g);
+      max_small_n = std::max(max_small_n, n);
+    } else {
+      large.push_back(g);
+      max_large_n = std::max(max_large_n, n);
+    }
+  }
+  std::vector<int64_t> picks_all(static_cast<size_t>(nt) * k);
+
+  if (!small.empty()) {
+    auto minds = alloc_floats(nt * max_small_n);  // per thread [n]
+    const int64_t n_small = static_cast<int64_t>(small.size());
+  RAID_FAST_OMP(parallel for schedule(dynamic) num_threads(nt))
+    for (int64_t s = 0; s < n_small; ++s) {
+      const int64_t g = small[s];
+      const int64_t n = offsets[g + 1] - offsets[g];
+      const int64_t kg = std::min(k, n);
+      const float* xg = x + offsets[g] * D;
+      const double* u = uniforms + g * k;
+      float* mind = minds.get() + thread_id() * max_small_n;
+      int64_t* picks = picks_all.data() + thread_id() * k;
+      if (kg > 0) picks[0] = uniform_pick(u[0], n);
+      for (int64_t t = 1; t < kg; ++t) {
+        mind_range(xg, D, 0, n, xg + picks[t - 1] * D, t == 1, avx2, mind);
+        picks[t] = pick_next(mind, n, u[t]);
+      }
+      write_seeds(xg, D, kg, k, picks, centroids + g * k * D, chosen + g * k);
+    }
+  }
+
+  if (!large.empty()) {
+    auto mind_buf = alloc_floats(max_large_n);  // [n]
+    float* mind = mind_buf.get();
+    int64_t* picks = picks_all.data();
+    for (const int64_t g : large) {
+      const int64_t n = offsets[g + 1] - offsets[g];
+      const int64_t kg = std::min(k, n);
+      const float* xg = x + offsets[g] * D;
+      const double* u = uniforms + g * k;
+      const int64_t n_blocks = (n + kSeedBlock - 1) / kSeedBlock;
+      picks[0] = uniform_pick(u[0], n);
+  RAID_FAST_OMP(parallel num_threads(nt))
+      for (int64_t t = 1; t < kg; ++t) {
+        const float* c = xg + picks[t - 1] * D;
+  RAID_FAST_OMP(for schedule(static))
+        for (int64_t b = 0; b < n_blocks; ++b) {
+          mind_range(xg, D, b * kSeedBlock, std::min(n, (b + 1) * kSeedBlock), c, t == 1, avx2,
+                     mind);
+        }
+  RAID_FAST_OMP(single)
+        picks[t] = pick_next(mind, n, u[t]);
+      }
+      write_seeds(xg, D, kg, k, picks, centroids + g * k * D, chosen + g * k);
+    }
+  }
+}
+
+}  // namespace raid_fast

@@ -1,0 +1,28 @@
+"""raid_fast: fast retrieval-augmented anomaly detection (RAID).
+
+Works with torch alone; the compiled extension (``raid_fast._C``) and Triton kernels are optional
+fast paths chosen by one dispatcher (see ``raid_fast.backends()``).
+"""
+
+from raid_fast import ops
+from raid_fast._dispatch import backends as _backends
+from raid_fast.kmeans import KMeans, KMeansResult, kmeans
+
+__version__ = "0.1.0"
+
+
+def _register_optional_backends() -> None:
+    # the triton kernels live in raid_fast.kernels, which imports triton itself (guarded there)
+    try:
+        import raid_fast.kernels  # noqa: F401
+    except ImportError:
+        pass
+
+
+def backends() -> dict:
+    """``{op: {backend: "ok" | reason}}``: which backend can serve which op here, and why not."""
+    _register_optional_backends()
+    return _backends()
+
+
+__all__ = ["KMeans", "KMeansResult", "backends", "kmeans", "ops", "__version__"]

@@ -1,0 +1,79 @@
+"""Input validation shared by every public op: one place, one wording.
+
+Messages name the argument, the expectation and the value received. ``ValueError`` for shapes and
+values, ``TypeError`` for types and dtypes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional, Sequence
+
+import numpy as np
+import torch
+
+
+def as_tensor(name: str, value: Any) -> torch.Tensor:
+    """Accepts a tensor or a numpy array (shared memory, no copy); anything else is a TypeError."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value)
+    msg = f"{name} must be a torch.Tensor or numpy.ndarray, got {type(value).__name__}"
+    raise TypeError(msg)
+
+
+def check_ndim(name: str, t: torch.Tensor, ndims: Iterable[int], layout: str) -> None:
+    ndims = tuple(ndims)
+    if t.dim() not in ndims:
+        msg = f"{name} must be {layout}, got a {t.dim()}-d tensor of shape {tuple(t.shape)}"
+        raise ValueError(msg)
+
+
+def check_floating(name: str, t: torch.Tensor) -> None:
+    if not t.is_floating_point():
+        msg = f"{name} must be a floating-point tensor (float32 is used), got dtype {t.dtype}"
+        raise TypeError(msg)
+
+
+def check_dtype(name: str, t: torch.Tensor, dtypes: Sequence[torch.dtype]) -> None:
+    if t.dtype not in dtypes:
+        expected = " or ".join(str(d) for d in dtypes)
+        msg = f"{name} must have dtype {expected}, got {t.dtype}"
+        raise TypeError(msg)
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    # this is a CPU-GPU sync point, once per call at the public boundary
+    if t.numel() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        msg = f"{name} must be finite, got {bad} NaN/inf value(s) in a tensor of shape {tuple(t.shape)}"
+        raise ValueError(msg)
+
+
+def check_same_device(**tensors: Optional[torch.Tensor]) -> None:
+    present = {name: t for name, t in tensors.items() if t is not None}
+    devices = {t.device for t in present.values()}
+    if len(devices) > 1:
+        listing = ", ".join(f"{name} on {t.device}" for name, t in present.items())
+        msg = f"all tensors must be on one device, got {listing}"
+        raise ValueError(msg)
+
+
+def check_int(name: str, value: Any, minimum: Optional[int] = None, maximum: Optional[int] = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        msg = f"{name} must be an int, got {type(value).__name__} {value!r}"
+        raise TypeError(msg)
+    value = int(value)
+    if minimum is not None and value < minimum:
+        msg = f"{name} must be >= {minimum}, got {value}"
+        raise ValueError(msg)
+    if maximum is not None and value > maximum:
+        msg = f"{name} must be <= {maximum}, got {value}"
+        raise ValueError(msg)
+    return value
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
+    if value not in choices:
+        msg = f"{name} must be one of {list(choices)}, got {value!r}"
+        raise ValueError(msg)

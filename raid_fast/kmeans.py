@@ -1,0 +1,204 @@
+"""KMeans with faiss's shape of API, batched over independent groups, on any backend.
+
+Letters: G groups (independent problems), N points, D dims, k centroids.
+
+Lloyd iterations with squared Euclidean distance. ``spherical=True`` rescales centroids to unit
+norm after each update (as faiss does), which is cosine k-means for unit-norm points. Seeding is
+k-means++ (driven by per-group uniforms drawn from ``seed``, so every backend picks the same
+points), uniform random distinct points, or given centroids. Empty clusters are re-seeded by
+splitting the largest cluster (see ``raid_fast.ref.kmeans.kmeans_update_ref``).
+
+Batched input: ``[G, N, D]`` runs G problems of equal size in one call; ragged input (``x`` [N, D]
+plus ``offsets`` [G + 1]) runs groups of different sizes (one per class in the token database).
+A ragged group with N_g < k points gets k_g = N_g centroids (rows k_g.. of its centroids are zero,
+``n_centroids`` says how many are used) and an empty group gets none.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from raid_fast import _checks, _dispatch
+from raid_fast.ops.kmeans import Points, kmeans_assign, prepare_centroids, prepare_points
+
+INITS = ("k-means++", "random")
+
+
+@dataclass
+class KMeansResult:
+    """Output of ``kmeans``; ``[G, ...]`` leading dims are dropped for a single [N, D] problem."""
+
+    centroids: torch.Tensor  # [k, D] or [G, k, D] float32
+    obj: torch.Tensor  # [niter + 1] or [niter + 1, G] float64 on the CPU: inertia per iteration
+    counts: torch.Tensor  # [k] or [G, k] int64: points per centroid in the final assignment
+    labels: torch.Tensor  # [N], [G, N] or ragged [N] int64: final assignment (group-local ids)
+    n_centroids: torch.Tensor  # [G] int64: centroids used per group, min(k, N_g)
+
+
+def _check_hyper(k, niter, seed, init) -> tuple[int, int, int]:
+    k = _checks.check_int("k", k, minimum=1)
+    niter = _checks.check_int("niter", niter, minimum=0)
+    seed = _checks.check_int("seed", seed)
+    _checks.check_choice("init", init, INITS)
+    return k, niter, seed
+
+
+def _check_sizes(name: str, points: Points, k: int) -> None:
+    if points.mode == "ragged":
+        return
+    n = int(points.groups.max_size)
+    if n == 0:
+        msg = f"{name} must hold at least one point, got shape {tuple(points.values.shape)} ({points.mode} input)"
+        raise ValueError(msg)
+    if k > n:
+        msg = f"k must be <= the number of points per problem ({n}), got k={k}"
+        raise ValueError(msg)
+
+
+def _seed_centroids(points: Points, k: int, seed: int, init: str, backend: Optional[str]) -> torch.Tensor:
+    """Initial centroids [G, k, D] from the seed (k-means++ or random distinct points)."""
+    groups = points.groups
+    gen = torch.Generator().manual_seed(seed)
+    if init == "k-means++":
+        uniforms = torch.rand(groups.n_groups, k, generator=gen, dtype=torch.float64)  # [G, k]
+        centroids, _ = _dispatch.call("kmeans_plusplus", points.values, groups, k, uniforms, backend=backend)
+        return centroids
+    centroids = torch.zeros(groups.n_groups, k, points.dim, dtype=torch.float32, device=points.values.device)
+    for g, (lo, n) in enumerate(zip(groups.offsets_cpu[:-1].tolist(), groups.sizes_cpu.tolist())):
+        k_g = min(k, n)
+        pick = torch.randperm(n, generator=gen)[:k_g] + lo  # [k_g]
+        centroids[g, :k_g] = points.values[pick.to(points.values.device)]
+    return centroids
+
+
+def kmeans(
+    x,
+    k: int,
+    *,
+    niter: int = 25,
+    seed: int = 0,
+    spherical: bool = False,
+    init: str = "k-means++",
+    init_centroids=None,
+    offsets=None,
+    backend: Optional[str] = None,
+    progress: bool = False,
+) -> KMeansResult:
+    """Lloyd k-means on one problem, a batch of problems, or ragged groups.
+
+    Args:
+        x: [N, D] points, [G, N, D] batched problems, or ragged [N, D] with ``offsets``; float
+            tensors or numpy arrays (computed in float32).
+        k: centroids per problem (>= 1; <= N for dense input).
+        niter: Lloyd iterations.
+        seed: seeds k-means++ / random initialisation.
+        spherical: unit-norm centroids after each update (cosine k-means for unit-norm points).
+        init: ``"k-means++"`` or ``"random"``; ignored when ``init_centroids`` is given.
+        init_centroids: [k, D] (single problem) or [G, k, D] starting centroids.
+        offsets: [G + 1] int64 group boundaries for ragged ``x``.
+        backend: ``None`` (auto), ``"torch"``, ``"cpp"`` or ``"cuda"``.
+        progress: show a progress bar over iterations.
+
+    Returns:
+        A ``KMeansResult``; ``obj[t]`` is the inertia (sum of squared distances) of the assignment
+        after t updates, so ``obj[0]`` is the inertia of the initial centroids.
+
+    Example:
+        >>> res = raid_fast.kmeans(torch.randn(1000, 16), 8, niter=10)
+        >>> res.centroids.shape
+        torch.Size([8, 16])
+    """
+    k, niter, seed = _check_hyper(k, niter, seed, init)
+    points = prepare_points("x", x, offsets)
+    _check_sizes("x", points, k)
+    groups = points.groups
+    if init_centroids is not None:
+        centroids = prepare_centroids("init_centroids", init_centroids, points, k=k)
+    else:
+        centroids = _seed_centroids(points, k, seed, init, backend)
+
+    obj = torch.empty(niter + 1, groups.n_groups, dtype=torch.float64, device=points.values.device)
+    steps = range(niter)
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc=f"kmeans k={k}", unit="iter")
+    for it in steps:
+        dist, idx = _dispatch.call("kmeans_assign", points.values, groups, centroids, backend=backend)
+        obj[it] = groups.segment_sum(dist)
+        centroids, _ = _dispatch.call("kmeans_update", points.values, groups, idx, k, spherical, backend=backend)
+    dist, idx = _dispatch.call("kmeans_assign", points.values, groups, centroids, backend=backend)
+    obj[niter] = groups.segment_sum(dist)
+
+    flat = groups.group_of_value * k + idx  # [N] cluster id across groups
+    counts = torch.bincount(flat, minlength=groups.n_groups * k).view(groups.n_groups, k)
+    n_centroids = groups.sizes_cpu.clamp(max=k)
+    return KMeansResult(
+        centroids=points.per_group(centroids),
+        obj=obj.cpu()[:, 0] if points.mode == "single" else obj.cpu(),
+        counts=points.per_group(counts),
+        labels=points.per_point(idx),
+        n_centroids=n_centroids,
+    )
+
+
+class KMeans:
+    """Faiss-like KMeans object (see ``kmeans`` for the arguments).
+
+    Example:
+        >>> km = raid_fast.KMeans(50, niter=25, spherical=True).fit(tokens)   # tokens [N, D]
+        >>> dist, idx = km.assign(queries)                                     # [M], [M]
+    """
+
+    def __init__(
+        self,
+        k: int,
+        niter: int = 25,
+        seed: int = 0,
+        spherical: bool = False,
+        init: str = "k-means++",
+        backend: Optional[str] = None,
+        progress: bool = False,
+    ):
+        self.k, self.niter, self.seed = _check_hyper(k, niter, seed, init)
+        self.spherical = bool(spherical)
+        self.init = init
+        self.backend = backend
+        self.progress = progress
+        self.centroids: Optional[torch.Tensor] = None
+        self.obj: Optional[torch.Tensor] = None
+        self.counts: Optional[torch.Tensor] = None
+        self.labels: Optional[torch.Tensor] = None
+        self.n_centroids: Optional[torch.Tensor] = None
+
+    def fit(self, x, init_centroids=None, offsets=None) -> "KMeans":
+        """Clusters ``x`` ([N, D], [G, N, D] or ragged with ``offsets``); returns ``self``."""
+        res = kmeans(
+            x,
+            self.k,
+            niter=self.niter,
+            seed=self.seed,
+            spherical=self.spherical,
+            init=self.init,
+            init_centroids=init_centroids,
+            offsets=offsets,
+            backend=self.backend,
+            progress=self.progress,
+        )
+        self.centroids, self.obj, self.counts = res.centroids, res.obj, res.counts
+        self.labels, self.n_centroids = res.labels, res.n_centroids
+        return self
+
+    def assign(self, x, offsets=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(dist, idx)``: squared distance to, and id of, the nearest fitted centroid."""
+        if self.centroids is None:
+            msg = "KMeans.assign() needs a fitted model: call fit() first"
+            raise RuntimeError(msg)
+        return kmeans_assign(x, self.centroids, offsets, backend=self.backend)
+
+    def __repr__(self) -> str:
+        state = "fitted" if self.centroids is not None else "not fitted"
+        return f"KMeans(k={self.k}, niter={self.niter}, seed={self.seed}, spherical={self.spherical}, init={self.init!r}, {state})"
