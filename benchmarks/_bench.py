@@ -15,8 +15,8 @@ import platform
 import re
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 
@@ -84,7 +84,9 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_fn(fn: Callable[[], object], device: str = "cpu", rounds: int = 5, warmup: int = 1) -> tuple[float, float, float]:
+def time_fn(
+    fn: Callable[[], object], device: str = "cpu", rounds: int = 5, warmup: int = 1
+) -> tuple[float, float, float]:
     """(p50, p20, p80) seconds of ``fn()``."""
     if device.startswith("cuda"):
         try:
@@ -111,7 +113,18 @@ def time_fn(fn: Callable[[], object], device: str = "cpu", rounds: int = 5, warm
     return float(t.quantile(0.5)), float(t.quantile(0.2)), float(t.quantile(0.8))
 
 
-def row(op: str, provider: str, metric: str, unit: str, x_name: str, x_value, value3, config: dict, device: str, mode: str = "fwd") -> dict:
+def row(
+    op: str,
+    provider: str,
+    metric: str,
+    unit: str,
+    x_name: str,
+    x_value,
+    value3,
+    config: dict,
+    device: str,
+    mode: str = "fwd",
+) -> dict:
     p50, p20, p80 = value3
     v = versions()
     return {
@@ -134,7 +147,7 @@ def row(op: str, provider: str, metric: str, unit: str, x_name: str, x_value, va
     }
 
 
-def write_rows(rows: list[dict], out_dir: os.PathLike, device: str, stem: Optional[str] = None) -> Path:
+def write_rows(rows: list[dict], out_dir: os.PathLike, device: str, stem: str | None = None) -> Path:
     """Appends rows to ``<out_dir>/<stem or device slug>.csv`` (header written once)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

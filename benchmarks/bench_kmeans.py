@@ -73,14 +73,14 @@ def providers(device: str) -> list[str]:
     """Providers that can run here: raid_fast backends plus importable baselines."""
     table = raid_fast.backends()["kmeans_assign"]
     names = [b for b in ("cuda", "cpp", "torch") if table.get(b) == "ok" and (b == "cuda") == device.startswith("cuda")]
-    if device == "cpu" and b_importable("sklearn"):
+    if device == "cpu" and importable("sklearn"):
         names.append("sklearn")
-    if device.startswith("cuda") and b_importable("flash_kmeans"):
+    if device.startswith("cuda") and importable("flash_kmeans"):
         names.append("flash_kmeans")
     return names
 
 
-def b_importable(module: str) -> bool:
+def importable(module: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(module) is not None
@@ -140,8 +140,6 @@ def run(size: str, device: str, out_dir: str | None, rounds: int = 3) -> list[di
         gate(provider, device)
         fn, inertia = setup(w, provider, device)
         t = _bench.time_fn(fn, device, rounds=n_rounds, warmup=1 if n_rounds > 1 else 0)
-        if n_rounds == 1:
-            fn()
         times[provider], inertias[provider] = t[0], inertia()
         cfg = {**asdict(w), "inertia": inertias[provider], "gflops": w.flops_per_iter * w.niter / t[0] / 1e9}
         rows.append(_bench.row("kmeans_fit", provider, "time", "s", "workload", size, t, cfg, device))

@@ -23,7 +23,7 @@ namespace {
   TORCH_CHECK((t).scalar_type() == at::kFloat, #t " must be float32, got ", (t).scalar_type()); \
   TORCH_CHECK((t).is_contiguous(), #t " must be contiguous")
 
-#define CHECK_I64_CONTIG(t)                                                                   \
+#define CHECK_I64_CONTIG(t)                                                                  \
   TORCH_CHECK((t).scalar_type() == at::kLong, #t " must be int64, got ", (t).scalar_type()); \
   TORCH_CHECK((t).is_contiguous(), #t " must be contiguous")
 
@@ -109,9 +109,8 @@ std::tuple<at::Tensor, at::Tensor> kmeans_update(const at::Tensor& x, const at::
 #endif
   } else {
     raid_fast::kmeans_update_cpu(x.data_ptr<float>(), offsets.data_ptr<int64_t>(), groups, d,
-                                 idx.data_ptr<int64_t>(), k, spherical,
-                                 centroids.data_ptr<float>(), counts.data_ptr<int64_t>(),
-                                 static_cast<int>(num_threads));
+                                 idx.data_ptr<int64_t>(), k, spherical, centroids.data_ptr<float>(),
+                                 counts.data_ptr<int64_t>(), static_cast<int>(num_threads));
   }
   return {centroids, counts};
 }

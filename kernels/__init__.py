@@ -7,9 +7,8 @@ their backends with ``raid_fast._dispatch`` when this package is imported.
 from __future__ import annotations
 
 import os
-from typing import Optional
 
-TRITON_IMPORT_ERROR: Optional[str]
+TRITON_IMPORT_ERROR: str | None
 try:
     import triton  # noqa: F401
 

@@ -6,7 +6,8 @@ values, ``TypeError`` for types and dtypes.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,7 +51,7 @@ def check_finite(name: str, t: torch.Tensor) -> None:
         raise ValueError(msg)
 
 
-def check_same_device(**tensors: Optional[torch.Tensor]) -> None:
+def check_same_device(**tensors: torch.Tensor | None) -> None:
     present = {name: t for name, t in tensors.items() if t is not None}
     devices = {t.device for t in present.values()}
     if len(devices) > 1:
@@ -59,7 +60,7 @@ def check_same_device(**tensors: Optional[torch.Tensor]) -> None:
         raise ValueError(msg)
 
 
-def check_int(name: str, value: Any, minimum: Optional[int] = None, maximum: Optional[int] = None) -> int:
+def check_int(name: str, value: Any, minimum: int | None = None, maximum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         msg = f"{name} must be an int, got {type(value).__name__} {value!r}"
         raise TypeError(msg)

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 logger = logging.getLogger("raid_fast")
 
@@ -106,9 +107,7 @@ def select(op: str, *args: Any, backend: str | None = None, **kwargs: Any) -> st
         impl = impls[requested]
         reason = impl.availability() or impl.supports(*args, **kwargs)
         if reason is not None:
-            msg = f"{op}: backend {requested!r} cannot serve this call: {reason}. " + _describe(
-                op, *args, **kwargs
-            )
+            msg = f"{op}: backend {requested!r} cannot serve this call: {reason}. " + _describe(op, *args, **kwargs)
             raise RuntimeError(msg)
         return requested
     for name, impl in _ordered(op):

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
-from typing import Optional
 
-_C: Optional[ModuleType]
-EXT_IMPORT_ERROR: Optional[str]
+_C: ModuleType | None
+EXT_IMPORT_ERROR: str | None
 try:
     _C = importlib.import_module("raid_fast._C")
 
@@ -25,14 +24,14 @@ HAS_EXT: bool = _C is not None
 EXT_HAS_CUDA: bool = bool(_C is not None and _C.cuda_compiled())
 
 
-def ext_unavailable_reason() -> Optional[str]:
+def ext_unavailable_reason() -> str | None:
     """None when the extension is importable, else why not (build or import error)."""
     if _C is not None:
         return None
     return f"raid_fast._C is not built or failed to import ({EXT_IMPORT_ERROR})"
 
 
-def ext_cuda_unavailable_reason() -> Optional[str]:
+def ext_cuda_unavailable_reason() -> str | None:
     """None when the extension has CUDA kernels and a GPU is visible, else why not."""
     import torch
 

@@ -22,12 +22,12 @@ class Groups:
     device: torch.device
 
     @classmethod
-    def uniform(cls, n_groups: int, group_size: int, device: torch.device) -> "Groups":
+    def uniform(cls, n_groups: int, group_size: int, device: torch.device) -> Groups:
         offsets = torch.arange(n_groups + 1, dtype=torch.int64) * group_size
         return cls(offsets, torch.device(device))
 
     @classmethod
-    def from_offsets(cls, offsets, n_values: int, device: torch.device, name: str = "offsets") -> "Groups":
+    def from_offsets(cls, offsets, n_values: int, device: torch.device, name: str = "offsets") -> Groups:
         """Validates user offsets: 1-d int64-like, starts at 0, non-decreasing, ends at n_values."""
         offsets = _checks.as_tensor(name, offsets)
         _checks.check_ndim(name, offsets, (1,), "[G + 1] (1-d)")

@@ -6,7 +6,7 @@ import argparse
 import json
 import platform
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 
 def environment() -> dict:
@@ -53,7 +53,9 @@ def _cmd_env(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="raid-fast", description="raid_fast: fast retrieval-augmented anomaly detection")
+    parser = argparse.ArgumentParser(
+        prog="raid-fast", description="raid_fast: fast retrieval-augmented anomaly detection"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     env = sub.add_parser("env", help="versions, build flags and which backend serves each op")
     env.add_argument("--json", action="store_true", help="print as JSON")
@@ -61,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return args.func(args)
 

@@ -17,7 +17,6 @@ A ragged group with N_g < k points gets k_g = N_g centroids (rows k_g.. of its c
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -58,7 +57,7 @@ def _check_sizes(name: str, points: Points, k: int) -> None:
         raise ValueError(msg)
 
 
-def _seed_centroids(points: Points, k: int, seed: int, init: str, backend: Optional[str]) -> torch.Tensor:
+def _seed_centroids(points: Points, k: int, seed: int, init: str, backend: str | None) -> torch.Tensor:
     """Initial centroids [G, k, D] from the seed (k-means++ or random distinct points)."""
     groups = points.groups
     gen = torch.Generator().manual_seed(seed)
@@ -84,7 +83,7 @@ def kmeans(
     init: str = "k-means++",
     init_centroids=None,
     offsets=None,
-    backend: Optional[str] = None,
+    backend: str | None = None,
     progress: bool = False,
 ) -> KMeansResult:
     """Lloyd k-means on one problem, a batch of problems, or ragged groups.
@@ -160,7 +159,7 @@ class KMeans:
         seed: int = 0,
         spherical: bool = False,
         init: str = "k-means++",
-        backend: Optional[str] = None,
+        backend: str | None = None,
         progress: bool = False,
     ):
         self.k, self.niter, self.seed = _check_hyper(k, niter, seed, init)
@@ -168,13 +167,13 @@ class KMeans:
         self.init = init
         self.backend = backend
         self.progress = progress
-        self.centroids: Optional[torch.Tensor] = None
-        self.obj: Optional[torch.Tensor] = None
-        self.counts: Optional[torch.Tensor] = None
-        self.labels: Optional[torch.Tensor] = None
-        self.n_centroids: Optional[torch.Tensor] = None
+        self.centroids: torch.Tensor | None = None
+        self.obj: torch.Tensor | None = None
+        self.counts: torch.Tensor | None = None
+        self.labels: torch.Tensor | None = None
+        self.n_centroids: torch.Tensor | None = None
 
-    def fit(self, x, init_centroids=None, offsets=None) -> "KMeans":
+    def fit(self, x, init_centroids=None, offsets=None) -> KMeans:
         """Clusters ``x`` ([N, D], [G, N, D] or ragged with ``offsets``); returns ``self``."""
         res = kmeans(
             x,

@@ -14,7 +14,9 @@ from raid_fast import _dispatch
 def toy_op():
     name = "toy_op_for_tests"
     _dispatch.register(name, "torch", lambda x: ("torch", x), priority=100)
-    _dispatch.register(name, "cpp", lambda x: ("cpp", x), priority=10, supports=lambda x: None if x > 0 else f"needs x > 0, got {x}")
+    _dispatch.register(
+        name, "cpp", lambda x: ("cpp", x), priority=10, supports=lambda x: None if x > 0 else f"needs x > 0, got {x}"
+    )
     _dispatch.register(name, "cuda", lambda x: ("cuda", x), priority=0, available=lambda: "no GPU here")
     _dispatch.register(name, "triton", lambda x: ("triton", x), priority=1, auto=False)
     yield name

@@ -78,7 +78,12 @@ def test_update_matches_reference(backend, sizes, d, k, spherical):
     gen = torch.Generator().manual_seed(3)
     # assignments that leave some clusters empty, to exercise the split rule
     k_used = groups.sizes_cpu.clamp(max=k)
-    idx = torch.cat([torch.randint(0, max(1, (kg + 1) // 2), (n,), generator=gen) for n, kg in zip(groups.sizes_cpu.tolist(), k_used.tolist())])
+    idx = torch.cat(
+        [
+            torch.randint(0, max(1, (kg + 1) // 2), (n,), generator=gen)
+            for n, kg in zip(groups.sizes_cpu.tolist(), k_used.tolist())
+        ]
+    )
     idx = idx.to(dev)
     c, counts = _dispatch.call("kmeans_update", x, groups, idx, k, spherical, backend=backend)
     ref_c, ref_counts = kmeans_update_ref(x.cpu(), groups.offsets_cpu, idx.cpu(), k, spherical)

@@ -45,7 +45,12 @@ def assert_close_verbose(name: str, actual: torch.Tensor, expected: torch.Tensor
 
 
 def assert_assign_equal_up_to_ties(
-    x: torch.Tensor, centroids: torch.Tensor, offsets: torch.Tensor, idx: torch.Tensor, ref_idx: torch.Tensor, rtol: float = 1e-4
+    x: torch.Tensor,
+    centroids: torch.Tensor,
+    offsets: torch.Tensor,
+    idx: torch.Tensor,
+    ref_idx: torch.Tensor,
+    rtol: float = 1e-4,
 ) -> None:
     """Assignments must be equal except where the two centroids are equally near (within rtol)."""
     idx, ref_idx = idx.cpu(), ref_idx.cpu()

@@ -2,11 +2,13 @@
 // headers (a CUDA stream travels as void*). bindings.cpp is the only caller.
 //
 // Layout shared by every function below (letters: G groups, N points in all, D dims, k centroids):
-//   x          [N, D]    float32, row-major, contiguous. Group g owns rows offsets[g] .. offsets[g+1]-1.
-//   offsets    [G + 1]   int64, offsets[0] = 0, non-decreasing, offsets[G] = N. Host memory for the
+//   x          [N, D]    float32, row-major, contiguous. Group g owns rows offsets[g] ..
+//   offsets[g+1]-1. offsets    [G + 1]   int64, offsets[0] = 0, non-decreasing, offsets[G] = N.
+//   Host memory for the
 //                        *_cpu functions, device memory for the *_cuda functions.
 //   centroids  [G, k, D] float32, contiguous. Group g uses its first k_g = min(k, N_g) rows,
-//                        N_g = offsets[g+1] - offsets[g]; rows k_g .. k-1 are unused (written as 0).
+//                        N_g = offsets[g+1] - offsets[g]; rows k_g .. k-1 are unused (written as
+//                        0).
 // Distances are squared Euclidean. Ties go to the smallest centroid index.
 #pragma once
 
@@ -19,8 +21,8 @@ constexpr double kSplitEps = 1.0 / 1024.0;
 
 // ---- CPU ------------------------------------------------------------------------------------
 
-// For each point i of group g: idx[i] = argmin_{j < k_g} ||x_i - c_gj||^2 (group-local centroid id),
-// dist[i] = that squared distance, clamped at >= 0.   dist [N] float32, idx [N] int64.
+// For each point i of group g: idx[i] = argmin_{j < k_g} ||x_i - c_gj||^2 (group-local centroid
+// id), dist[i] = that squared distance, clamped at >= 0.   dist [N] float32, idx [N] int64.
 void kmeans_assign_cpu(const float* x, const int64_t* offsets, int64_t G, int64_t D,
                        const float* centroids, int64_t k, float* dist, int64_t* idx,
                        int num_threads);
@@ -28,10 +30,12 @@ void kmeans_assign_cpu(const float* x, const int64_t* offsets, int64_t G, int64_
 // One Lloyd update from an assignment idx [N] (values in [0, k_g)):
 //   counts[g, j]    = number of points of group g assigned to j (before any re-seeding);
 //   centroids[g, j] = mean of those points (accumulated in double), for j < k_g;
-//   empty clusters, in ascending j: m = argmax_j' cnt[j'] (smallest index on ties, cnt being a working
+//   empty clusters, in ascending j: m = argmax_j' cnt[j'] (smallest index on ties, cnt being a
+//   working
 //     copy of counts updated by earlier splits); c_j = c_m; then for every dim d: if d is even
 //     c_j[d] *= 1 + eps and c_m[d] *= 1 - eps, else c_j[d] *= 1 - eps and c_m[d] *= 1 + eps
-//     (eps = kSplitEps, products in double); cnt[j] = cnt[m] / 2 (integer division); cnt[m] -= cnt[j];
+//     (eps = kSplitEps, products in double); cnt[j] = cnt[m] / 2 (integer division); cnt[m] -=
+//     cnt[j];
 //   spherical: every row j < k_g divided by its L2 norm when the norm is > 0 (after the splits);
 //   rows j >= k_g are set to 0; counts for j >= k_g are 0.
 // centroids [G, k, D] float32 output, counts [G, k] int64 output.
@@ -45,8 +49,10 @@ void kmeans_update_cpu(const float* x, const int64_t* offsets, int64_t G, int64_
 //   mind[i]   = sum_d (x_i[d] - x_chosen0[d])^2   (float32 terms, accumulated in float32);
 //   for t = 1 .. k_g-1:
 //     total = sum_i mind[i] in double;
-//     if total > 0: target = u[g,t] * total; chosen[t] = smallest i with (sum_{i' <= i} mind[i'], in
-//                   double, in order of i) > target; if there is none, the largest i with mind[i] > 0;
+//     if total > 0: target = u[g,t] * total; chosen[t] = smallest i with (sum_{i' <= i} mind[i'],
+//     in
+//                   double, in order of i) > target; if there is none, the largest i with mind[i] >
+//                   0;
 //     else:         chosen[t] = min(floor(u[g,t] * n), n - 1);
 //     mind[i] = min(mind[i], sum_d (x_i[d] - x_chosen_t[d])^2);
 //   centroids[g, t] = x[offsets[g] + chosen[t]] for t < k_g, rows t >= k_g set to 0;
@@ -70,11 +76,11 @@ void kmeans_assign_cuda(const float* x, const int64_t* offsets, int64_t G, int64
                         void* stream);
 
 void kmeans_update_cuda(const float* x, const int64_t* offsets, int64_t G, int64_t max_group_size,
-                        int64_t D, const int64_t* idx, int64_t k, bool spherical,
-                        float* centroids, int64_t* counts, void* workspace, void* stream);
+                        int64_t D, const int64_t* idx, int64_t k, bool spherical, float* centroids,
+                        int64_t* counts, void* workspace, void* stream);
 
-void kmeans_plusplus_cuda(const float* x, const int64_t* offsets, int64_t G,
-                          int64_t max_group_size, int64_t D, int64_t k, const double* uniforms,
-                          float* centroids, int64_t* chosen, void* workspace, void* stream);
+void kmeans_plusplus_cuda(const float* x, const int64_t* offsets, int64_t G, int64_t max_group_size,
+                          int64_t D, int64_t k, const double* uniforms, float* centroids,
+                          int64_t* chosen, void* workspace, void* stream);
 
 }  // namespace raid_fast

@@ -1,7 +1,5 @@
-// CPU kernels of the KMeans interface declared in kmeans.h: fused assignment, Lloyd update and
-// k-means++ seeding. AVX2/FMA paths are chosen at run time, so the build needs no -march flag.
-#include "kmeans.h"
-
+// cpu kernels of the kmeans interface declared in kmeans.h: fused assignment, lloyd update and
+// k-means++ seeding. the avx2/fma paths are picked at run time, so the build needs no -march flag.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -10,6 +8,8 @@
 #include <memory>
 #include <new>
 #include <vector>
+
+#include "kmeans.h"
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -48,14 +48,6 @@ int thread_id() {
 #endif
 }
 
-int team_size() {
-#ifdef _OPENMP
-  return omp_get_num_threads();
-#else
-  return 1;
-#endif
-}
-
 struct FreeDeleter {
   void operator()(void* p) const { std::free(p); }
 };
@@ -86,13 +78,15 @@ int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
 // points per register tile of the micro-kernel: 6 points x 16 centroids = 12 ymm accumulators.
 constexpr int kTileRows = 6;
-// points per scheduling chunk handed to a thread.
+// points per chunk: the unit whose dots are kept in a buffer until the argmin.
 constexpr int64_t kAssignChunk = 16 * kTileRows;
-// dims per pass of the avx2 path: a [kDimBlock, 16] panel slice plus a tile's rows fit in l1.
-#ifndef KDB
-#define KDB 192
-#endif
-constexpr int64_t kDimBlock = KDB;
+// rows of a thread's dot buffer: a chunk plus room for the dropped rows of a short last tile pair.
+constexpr int64_t kBufRows = kAssignChunk + 2 * kTileRows;
+// chunks per scheduling task.
+constexpr int64_t kChunksPerTask = 8;
+// dims per block: a [kDimBlock, 16] panel slice plus a tile's rows fit in l1, and dots summed
+// per block, then across blocks, round less than one chain over all of D.
+constexpr int64_t kDimBlock = 192;
 
 // the group's centroids as column panels: panel j0 (16 or, for the last one, 8 columns wide) lives
 // at pack + j0 * D with layout [D][width]; columns >= k_g are zero and get a norm of +inf so that
@@ -119,26 +113,29 @@ void pack_centroids(const float* cent, int64_t kg, int64_t kp, int64_t D, float*
   }
 }
 
-// scalar argmin over the finished row of distances: strict < in ascending j gives the smallest
-// index on ties.
-void argmin_scalar(const float* dv, int64_t kg, float* dist, int64_t* idx) {
-  float best = dv[0];
+// the argmin compares the keys ||c_j||^2 - 2 x.c_j and adds ||x||^2 only to the winner: the sum
+// ||x||^2 + ||c_j||^2 would round at a larger magnitude and blur close distances. strict < in
+// ascending j gives the smallest index on ties.
+void argmin_scalar(const float* key, int64_t kg, float x2, float* dist, int64_t* idx) {
+  float best = key[0];
   int64_t bj = 0;
   for (int64_t j = 1; j < kg; ++j) {
-    if (dv[j] < best) {
-      best = dv[j];
+    if (key[j] < best) {
+      best = key[j];
       bj = j;
     }
   }
-  *dist = best > 0.0f ? best : 0.0f;
+  const float d = x2 + best;
+  *dist = d > 0.0f ? d : 0.0f;
   *idx = bj;
 }
 
+// x . c for kTileRows points and W centroids over dims d0 .. d1-1, added to out when add is set.
 template <int W>
-void dot_tile_generic(const float* const* xr, const float* panel, int64_t D, float* out,
-                      int64_t ldo) {
+void dot_tile_generic(const float* const* xr, const float* panel, int64_t d0, int64_t d1, bool add,
+                      float* out, int64_t ldo) {
   float acc[kTileRows][W] = {};
-  for (int64_t d = 0; d < D; ++d) {
+  for (int64_t d = d0; d < d1; ++d) {
     const float* b = panel + d * W;  // [W]
     for (int p = 0; p < kTileRows; ++p) {
       const float a = xr[p][d];
@@ -146,11 +143,12 @@ void dot_tile_generic(const float* const* xr, const float* panel, int64_t D, flo
     }
   }
   for (int p = 0; p < kTileRows; ++p) {
-    for (int c = 0; c < W; ++c) out[p * ldo + c] = acc[p][c];
+    for (int c = 0; c < W; ++c) out[p * ldo + c] = add ? out[p * ldo + c] + acc[p][c] : acc[p][c];
   }
 }
 
-// portable path, same tiling as the avx2 path so that the compiler can vectorise over columns.
+// portable path, same tiling and dim blocks as the avx2 path so that the compiler can vectorise
+// over columns and both paths round alike.
 void assign_chunk_generic(const float* x, int64_t D, int64_t begin, int64_t end, const float* pack,
                           const float* c2, int64_t kg, int64_t kp, float* buf, float* dist,
                           int64_t* idx) {
@@ -159,41 +157,43 @@ void assign_chunk_generic(const float* x, int64_t D, int64_t begin, int64_t end,
     // missing rows of a short tile repeat the last real row; their results are dropped.
     const float* xr[kTileRows];
     for (int p = 0; p < kTileRows; ++p) xr[p] = x + (i0 + std::min<int64_t>(p, rows - 1)) * D;
-    int64_t j0 = 0;
-    for (; j0 + 16 <= kp; j0 += 16) dot_tile_generic<16>(xr, pack + j0 * D, D, buf + j0, kp);
-    if (j0 < kp) dot_tile_generic<8>(xr, pack + j0 * D, D, buf + j0, kp);
+    for (int64_t d0 = 0; d0 < D; d0 += kDimBlock) {
+      const int64_t d1 = std::min(D, d0 + kDimBlock);
+      int64_t j0 = 0;
+      for (; j0 + 16 <= kp; j0 += 16) {
+        dot_tile_generic<16>(xr, pack + j0 * D, d0, d1, d0 > 0, buf + j0, kp);
+      }
+      if (j0 < kp) dot_tile_generic<8>(xr, pack + j0 * D, d0, d1, d0 > 0, buf + j0, kp);
+    }
     for (int64_t p = 0; p < rows; ++p) {
       float x2 = 0.0f;
       for (int64_t d = 0; d < D; ++d) x2 += xr[p][d] * xr[p][d];
       float* dv = buf + p * kp;  // [kp]
-      for (int64_t j = 0; j < kg; ++j) dv[j] = (x2 + c2[j]) - 2.0f * dv[j];
-      argmin_scalar(dv, kg, dist + i0 + p, idx + i0 + p);
+      for (int64_t j = 0; j < kg; ++j) dv[j] = c2[j] - 2.0f * dv[j];
+      argmin_scalar(dv, kg, x2, dist + i0 + p, idx + i0 + p);
     }
   }
 }
 
 #ifdef RAID_FAST_X86
 
+// a tile's sums over one block of dims are added to the earlier blocks' sums rather than
+// continued from them: the two-level sum rounds less than one long chain over D.
+__attribute__((target("avx2,fma"))) inline void store_dots(float* out, __m256 v, bool add) {
+  _mm256_storeu_ps(out, add ? _mm256_add_ps(_mm256_loadu_ps(out), v) : v);
+}
+
 // register-blocked x . c for kTileRows points and 16 centroids over dims d0 .. d1-1: per dim, two
 // aligned loads of the packed centroid row and one broadcast per point feed 12 fmas. the 12
 // accumulators are named variables so that no compiler is tempted to keep them in memory. with
-// add set, the tile continues the sums already in out (a later block of dims).
+// add set, the tile adds to the sums already in out (a later block of dims).
 __attribute__((target("avx2,fma"))) inline void dot_tile16_avx2(const float* const* xr,
                                                                 const float* panel, int64_t d0,
                                                                 int64_t d1, bool add, float* out,
                                                                 int64_t ldo) {
   __m256 c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
-  if (add) {
-    c00 = _mm256_loadu_ps(out), c01 = _mm256_loadu_ps(out + 8);
-    c10 = _mm256_loadu_ps(out + ldo), c11 = _mm256_loadu_ps(out + ldo + 8);
-    c20 = _mm256_loadu_ps(out + 2 * ldo), c21 = _mm256_loadu_ps(out + 2 * ldo + 8);
-    c30 = _mm256_loadu_ps(out + 3 * ldo), c31 = _mm256_loadu_ps(out + 3 * ldo + 8);
-    c40 = _mm256_loadu_ps(out + 4 * ldo), c41 = _mm256_loadu_ps(out + 4 * ldo + 8);
-    c50 = _mm256_loadu_ps(out + 5 * ldo), c51 = _mm256_loadu_ps(out + 5 * ldo + 8);
-  } else {
-    c00 = c01 = c10 = c11 = c20 = c21 = _mm256_setzero_ps();
-    c30 = c31 = c40 = c41 = c50 = c51 = _mm256_setzero_ps();
-  }
+  c00 = c01 = c10 = c11 = c20 = c21 = _mm256_setzero_ps();
+  c30 = c31 = c40 = c41 = c50 = c51 = _mm256_setzero_ps();
   const float* x0 = xr[0];
   const float* x1 = xr[1];
   const float* x2 = xr[2];
@@ -222,42 +222,42 @@ __attribute__((target("avx2,fma"))) inline void dot_tile16_avx2(const float* con
     c50 = _mm256_fmadd_ps(a, b0, c50);
     c51 = _mm256_fmadd_ps(a, b1, c51);
   }
-  _mm256_storeu_ps(out, c00);
-  _mm256_storeu_ps(out + 8, c01);
-  _mm256_storeu_ps(out + ldo, c10);
-  _mm256_storeu_ps(out + ldo + 8, c11);
-  _mm256_storeu_ps(out + 2 * ldo, c20);
-  _mm256_storeu_ps(out + 2 * ldo + 8, c21);
-  _mm256_storeu_ps(out + 3 * ldo, c30);
-  _mm256_storeu_ps(out + 3 * ldo + 8, c31);
-  _mm256_storeu_ps(out + 4 * ldo, c40);
-  _mm256_storeu_ps(out + 4 * ldo + 8, c41);
-  _mm256_storeu_ps(out + 5 * ldo, c50);
-  _mm256_storeu_ps(out + 5 * ldo + 8, c51);
+  store_dots(out, c00, add);
+  store_dots(out + 8, c01, add);
+  store_dots(out + ldo, c10, add);
+  store_dots(out + ldo + 8, c11, add);
+  store_dots(out + 2 * ldo, c20, add);
+  store_dots(out + 2 * ldo + 8, c21, add);
+  store_dots(out + 3 * ldo, c30, add);
+  store_dots(out + 3 * ldo + 8, c31, add);
+  store_dots(out + 4 * ldo, c40, add);
+  store_dots(out + 4 * ldo + 8, c41, add);
+  store_dots(out + 5 * ldo, c50, add);
+  store_dots(out + 5 * ldo + 8, c51, add);
 }
 
-// the same for the last panel when it is only 8 centroids wide.
+// the same for the last panel when it is only 8 centroids wide, over two tiles at once: 12 rows
+// keep 12 independent fma chains in flight, as many as the 16-wide kernel has. every column still
+// sums its dims in the same order as in the 16-wide kernel, so equal centroids get equal distances.
 __attribute__((target("avx2,fma"))) inline void dot_tile8_avx2(const float* const* xr,
                                                                const float* panel, int64_t d0,
                                                                int64_t d1, bool add, float* out,
                                                                int64_t ldo) {
-  __m256 c0, c1, c2, c3, c4, c5;
-  if (add) {
-    c0 = _mm256_loadu_ps(out);
-    c1 = _mm256_loadu_ps(out + ldo);
-    c2 = _mm256_loadu_ps(out + 2 * ldo);
-    c3 = _mm256_loadu_ps(out + 3 * ldo);
-    c4 = _mm256_loadu_ps(out + 4 * ldo);
-    c5 = _mm256_loadu_ps(out + 5 * ldo);
-  } else {
-    c0 = c1 = c2 = c3 = c4 = c5 = _mm256_setzero_ps();
-  }
+  __m256 c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11;
+  c0 = c1 = c2 = c3 = c4 = c5 = _mm256_setzero_ps();
+  c6 = c7 = c8 = c9 = c10 = c11 = _mm256_setzero_ps();
   const float* x0 = xr[0];
   const float* x1 = xr[1];
   const float* x2 = xr[2];
   const float* x3 = xr[3];
   const float* x4 = xr[4];
   const float* x5 = xr[5];
+  const float* x6 = xr[6];
+  const float* x7 = xr[7];
+  const float* x8 = xr[8];
+  const float* x9 = xr[9];
+  const float* x10 = xr[10];
+  const float* x11 = xr[11];
   for (int64_t d = d0; d < d1; ++d) {
     const __m256 b = _mm256_load_ps(panel + d * 8);
     c0 = _mm256_fmadd_ps(_mm256_broadcast_ss(x0 + d), b, c0);
@@ -266,13 +266,25 @@ __attribute__((target("avx2,fma"))) inline void dot_tile8_avx2(const float* cons
     c3 = _mm256_fmadd_ps(_mm256_broadcast_ss(x3 + d), b, c3);
     c4 = _mm256_fmadd_ps(_mm256_broadcast_ss(x4 + d), b, c4);
     c5 = _mm256_fmadd_ps(_mm256_broadcast_ss(x5 + d), b, c5);
+    c6 = _mm256_fmadd_ps(_mm256_broadcast_ss(x6 + d), b, c6);
+    c7 = _mm256_fmadd_ps(_mm256_broadcast_ss(x7 + d), b, c7);
+    c8 = _mm256_fmadd_ps(_mm256_broadcast_ss(x8 + d), b, c8);
+    c9 = _mm256_fmadd_ps(_mm256_broadcast_ss(x9 + d), b, c9);
+    c10 = _mm256_fmadd_ps(_mm256_broadcast_ss(x10 + d), b, c10);
+    c11 = _mm256_fmadd_ps(_mm256_broadcast_ss(x11 + d), b, c11);
   }
-  _mm256_storeu_ps(out, c0);
-  _mm256_storeu_ps(out + ldo, c1);
-  _mm256_storeu_ps(out + 2 * ldo, c2);
-  _mm256_storeu_ps(out + 3 * ldo, c3);
-  _mm256_storeu_ps(out + 4 * ldo, c4);
-  _mm256_storeu_ps(out + 5 * ldo, c5);
+  store_dots(out, c0, add);
+  store_dots(out + ldo, c1, add);
+  store_dots(out + 2 * ldo, c2, add);
+  store_dots(out + 3 * ldo, c3, add);
+  store_dots(out + 4 * ldo, c4, add);
+  store_dots(out + 5 * ldo, c5, add);
+  store_dots(out + 6 * ldo, c6, add);
+  store_dots(out + 7 * ldo, c7, add);
+  store_dots(out + 8 * ldo, c8, add);
+  store_dots(out + 9 * ldo, c9, add);
+  store_dots(out + 10 * ldo, c10, add);
+  store_dots(out + 11 * ldo, c11, add);
 }
 
 __attribute__((target("avx2,fma"))) float sqnorm_avx2(const float* v, int64_t D) {
@@ -298,17 +310,15 @@ __attribute__((target("avx2,fma"))) float sqnorm_avx2(const float* v, int64_t D)
   return s;
 }
 
-// turns the dots of one point into distances in place and takes the argmin: the vector min gives
-// the smallest value, the first column holding it is what a strict < scan in ascending j returns.
+// turns the dots of one point into keys in place and takes the argmin: the vector min gives the
+// smallest key, the first column holding it is what a strict < scan in ascending j returns.
 __attribute__((target("avx2,fma"))) void argmin_avx2(float x2, const float* c2, int64_t kg,
                                                      int64_t kp, float* dv, float* dist,
                                                      int64_t* idx) {
-  const __m256 vx2 = _mm256_set1_ps(x2);
   const __m256 two = _mm256_set1_ps(2.0f);
   __m256 mv = _mm256_set1_ps(std::numeric_limits<float>::infinity());
   for (int64_t j = 0; j < kp; j += 8) {
-    const __m256 t = _mm256_add_ps(vx2, _mm256_loadu_ps(c2 + j));
-    const __m256 v = _mm256_fnmadd_ps(two, _mm256_loadu_ps(dv + j), t);
+    const __m256 v = _mm256_fnmadd_ps(two, _mm256_loadu_ps(dv + j), _mm256_loadu_ps(c2 + j));
     _mm256_storeu_ps(dv + j, v);
     mv = _mm256_min_ps(mv, v);
   }
@@ -318,37 +328,51 @@ __attribute__((target("avx2,fma"))) void argmin_avx2(float x2, const float* c2, 
   const float m = _mm_cvtss_f32(h);
   for (int64_t j = 0; j < kg; ++j) {
     if (dv[j] == m) {
-      *dist = m > 0.0f ? m : 0.0f;
+      const float d = x2 + m;
+      *dist = d > 0.0f ? d : 0.0f;
       *idx = j;
       return;
     }
   }
-  // only reached with nan distances, where the vector min is not well defined.
-  argmin_scalar(dv, kg, dist, idx);
+  // only reached with nan keys, where the vector min is not well defined.
+  argmin_scalar(dv, kg, x2, dist, idx);
 }
 
 // loop order: blocks of kDimBlock dims, then panels, then tiles, so that the slice of one panel
 // [kDimBlock, 16] stays in l1 while the tiles of the chunk stream past it. the norms go first:
 // that pass pulls the chunk's rows into cache at full bandwidth before the fma loops need them.
-// buf [end - begin, kp] holds the dots until the argmin.
-__attribute__((target("avx2,fma"))) void assign_chunk_avx2(const float* x, int64_t D,
-                                                           int64_t begin, int64_t end,
-                                                           const float* pack, const float* c2,
-                                                           int64_t kg, int64_t kp, float* buf,
-                                                           float* dist, int64_t* idx) {
+// buf [kBufRows, kp] holds the dots until the argmin.
+// rows next_begin .. next_end-1 (the thread's next chunk) are prefetched a few lines per tile, so
+// that their trip from memory overlaps the fmas instead of stalling the next norm pass.
+__attribute__((target("avx2,fma"))) void assign_chunk_avx2(const float* x, int64_t D, int64_t begin,
+                                                           int64_t end, int64_t next_begin,
+                                                           int64_t next_end, const float* pack,
+                                                           const float* c2, int64_t kg, int64_t kp,
+                                                           float* buf, float* dist, int64_t* idx) {
   float x2[kAssignChunk];
   for (int64_t i = begin; i < end; ++i) x2[i - begin] = sqnorm_avx2(x + i * D, D);
+  const char* pf = reinterpret_cast<const char*>(x + next_begin * D);
+  const char* pf_end = reinterpret_cast<const char*>(x + next_end * D);
+  const int64_t n_tiles = (end - begin + kTileRows - 1) / kTileRows;
+  const int64_t n_calls = (D + kDimBlock - 1) / kDimBlock * (kp / 16 + kp % 16 / 8) * n_tiles;
+  const int64_t pf_step = ((pf_end - pf) / 64 + n_calls - 1) / std::max<int64_t>(n_calls, 1);
   for (int64_t d0 = 0; d0 < D; d0 += kDimBlock) {
     const int64_t d1 = std::min(D, d0 + kDimBlock);
     for (int64_t j0 = 0; j0 < kp; j0 += 16) {
       const float* panel = pack + j0 * D;
-      for (int64_t i0 = begin; i0 < end; i0 += kTileRows) {
-        const int64_t rows = std::min<int64_t>(kTileRows, end - i0);
-        // missing rows of a short tile repeat the last real row; their results are dropped.
-        const float* xr[kTileRows];
-        for (int p = 0; p < kTileRows; ++p) xr[p] = x + (i0 + std::min<int64_t>(p, rows - 1)) * D;
+      const bool wide = j0 + 16 <= kp;
+      const int64_t step = wide ? kTileRows : 2 * kTileRows;
+      for (int64_t i0 = begin; i0 < end; i0 += step) {
+        const int64_t rows = std::min<int64_t>(step, end - i0);
+        // missing rows of a short tile repeat the last real row; their results land in the spare
+        // rows at the end of buf and are dropped.
+        const float* xr[2 * kTileRows];
+        for (int p = 0; p < step; ++p) xr[p] = x + (i0 + std::min<int64_t>(p, rows - 1)) * D;
+        for (int64_t l = 0; l < pf_step && pf < pf_end; ++l, pf += 64) {
+          _mm_prefetch(pf, _MM_HINT_T0);
+        }
         float* out = buf + (i0 - begin) * kp + j0;
-        if (j0 + 16 <= kp) {
+        if (wide) {
           dot_tile16_avx2(xr, panel, d0, d1, d0 > 0, out, kp);
         } else {
           dot_tile8_avx2(xr, panel, d0, d1, d0 > 0, out, kp);
@@ -380,24 +404,20 @@ void accumulate(const float* x, const int64_t* idx, int64_t begin, int64_t end, 
   }
 }
 
-// means, empty-cluster splits and normalisation of one group from its sums [kg, D] and counts
-// [kg]; writes cent [k, D] and counts_out [k].
-void finalize_group(const double* sums, const int64_t* cnt, int64_t kg, int64_t k, int64_t D,
+// means, empty-cluster splits and normalisation of one group, all in double in place of its sums
+// [kg, D], rounded to float32 once at the end; writes cent [k, D] and counts_out [k] (pre-split).
+void finalize_group(double* sums, const int64_t* cnt, int64_t kg, int64_t k, int64_t D,
                     bool spherical, float* cent, int64_t* counts_out) {
   bool any_empty = false;
   for (int64_t j = 0; j < kg; ++j) {
     counts_out[j] = cnt[j];
-    float* c = cent + j * D;
+    double* c = sums + j * D;
     if (cnt[j] > 0) {
       const double n = static_cast<double>(cnt[j]);
-      for (int64_t d = 0; d < D; ++d) c[d] = static_cast<float>(sums[j * D + d] / n);
+      for (int64_t d = 0; d < D; ++d) c[d] /= n;
     } else {
       any_empty = true;
     }
-  }
-  for (int64_t j = kg; j < k; ++j) {
-    counts_out[j] = 0;
-    std::fill(cent + j * D, cent + (j + 1) * D, 0.0f);
   }
   if (any_empty) {
     std::vector<int64_t> work(cnt, cnt + kg);
@@ -405,18 +425,19 @@ void finalize_group(const double* sums, const int64_t* cnt, int64_t kg, int64_t 
     const double down = 1.0 - kSplitEps;
     for (int64_t j = 0; j < kg; ++j) {
       if (work[j] != 0) continue;
-      // the sum of work stays N_g >= k_g >= 1, so the largest cluster is never empty.
+      // with valid labels the sum of work stays N_g >= k_g >= 1, so the largest cluster is never
+      // empty.
       int64_t m = 0;
       for (int64_t jj = 1; jj < kg; ++jj) {
         if (work[jj] > work[m]) m = jj;
       }
-      float* cj = cent + j * D;
-      float* cm = cent + m * D;
+      double* cj = sums + j * D;
+      double* cm = sums + m * D;
       for (int64_t d = 0; d < D; ++d) {
-        const double v = static_cast<double>(cm[d]);
+        const double v = cm[d];
         const bool even = (d % 2) == 0;
-        cj[d] = static_cast<float>(v * (even ? up : down));
-        cm[d] = static_cast<float>(v * (even ? down : up));
+        cj[d] = v * (even ? up : down);
+        cm[d] = v * (even ? down : up);
       }
       work[j] = work[m] / 2;
       work[m] -= work[j];
@@ -424,15 +445,18 @@ void finalize_group(const double* sums, const int64_t* cnt, int64_t kg, int64_t 
   }
   if (spherical) {
     for (int64_t j = 0; j < kg; ++j) {
-      float* c = cent + j * D;
+      double* c = sums + j * D;
       double s = 0.0;
-      for (int64_t d = 0; d < D; ++d) s += static_cast<double>(c[d]) * c[d];
+      for (int64_t d = 0; d < D; ++d) s += c[d] * c[d];
       const double norm = std::sqrt(s);
       if (norm > 0.0) {
-        for (int64_t d = 0; d < D; ++d) c[d] = static_cast<float>(static_cast<double>(c[d]) / norm);
+        for (int64_t d = 0; d < D; ++d) c[d] /= norm;
       }
     }
   }
+  for (int64_t e = 0; e < kg * D; ++e) cent[e] = static_cast<float>(sums[e]);
+  for (int64_t j = kg; j < k; ++j) counts_out[j] = 0;
+  std::fill(cent + kg * D, cent + k * D, 0.0f);
 }
 
 // groups with fewer point-dims than this are seeded by a single thread each.
@@ -494,8 +518,8 @@ __attribute__((target("avx2"))) inline void transpose8(__m256* r) {
 // of d, so the result is bit-identical to sqdist_exact while NB independent chains hide latency.
 // no fma in the target on purpose: sub, mul and add must round separately.
 template <int NB>
-__attribute__((target("avx2"))) void sqdist_rows_avx2(const float* rows, int64_t D,
-                                                      const float* c, float* out) {
+__attribute__((target("avx2"))) void sqdist_rows_avx2(const float* rows, int64_t D, const float* c,
+                                                      float* out) {
   __m256 acc[NB];
   for (int b = 0; b < NB; ++b) acc[b] = _mm256_setzero_ps();
   const int64_t d8 = D / 8 * 8;
@@ -556,8 +580,8 @@ __attribute__((target("avx2"))) void mind_range_avx2(const float* xg, int64_t D,
 
 #endif  // RAID_FAST_X86
 
-void mind_range(const float* xg, int64_t D, int64_t begin, int64_t end, const float* c,
-                bool first, bool avx2, float* mind) {
+void mind_range(const float* xg, int64_t D, int64_t begin, int64_t end, const float* c, bool first,
+                bool avx2, float* mind) {
 #ifdef RAID_FAST_X86
   if (avx2) {
     mind_range_avx2(xg, D, begin, end, c, first, mind);
@@ -627,24 +651,27 @@ void kmeans_assign_cpu(const float* x, const int64_t* offsets, int64_t G, int64_
       chunk_begin.push_back(i);
     }
   }
-  auto pack = alloc_floats(pack_off[G]);      // per group [kp, D] as column panels
-  auto c2 = alloc_floats(c2_off[G]);          // per group [kp]
-  auto bufs = alloc_floats(nt * kAssignChunk * max_kp);  // per thread [kAssignChunk, max_kp]
+  auto pack = alloc_floats(pack_off[G]);             // per group [kp, D] as column panels
+  auto c2 = alloc_floats(c2_off[G]);                 // per group [kp]
+  auto bufs = alloc_floats(nt * kBufRows * max_kp);  // per thread [kBufRows, max_kp]
   const int64_t n_chunks = static_cast<int64_t>(chunk_group.size());
+  const int64_t n_tasks = (n_chunks + kChunksPerTask - 1) / kChunksPerTask;
 
-  RAID_FAST_OMP(parallel num_threads(nt))
-  {
-  RAID_FAST_OMP(for schedule(dynamic))
-    for (int64_t g = 0; g < G; ++g) {
-      const int64_t kg = group_k(offsets, g, k);
-      if (kg > 0) {
-        pack_centroids(centroids + g * k * D, kg, kp[g], D, pack.get() + pack_off[g],
-                       c2.get() + c2_off[g]);
-      }
+  RAID_FAST_OMP(parallel for schedule(dynamic) num_threads(nt))
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t kg = group_k(offsets, g, k);
+    if (kg > 0) {
+      pack_centroids(centroids + g * k * D, kg, kp[g], D, pack.get() + pack_off[g],
+                     c2.get() + c2_off[g]);
     }
-    float* buf = bufs.get() + thread_id() * kAssignChunk * max_kp;
-  RAID_FAST_OMP(for schedule(dynamic))
-    for (int64_t c = 0; c < n_chunks; ++c) {
+  }
+
+  // a thread takes kChunksPerTask consecutive chunks at a time, so it knows which rows come next.
+  RAID_FAST_OMP(parallel for schedule(dynamic) num_threads(nt))
+  for (int64_t task = 0; task < n_tasks; ++task) {
+    float* buf = bufs.get() + thread_id() * kBufRows * max_kp;
+    const int64_t c_end = std::min(n_chunks, (task + 1) * kChunksPerTask);
+    for (int64_t c = task * kChunksPerTask; c < c_end; ++c) {
       const int64_t g = chunk_group[c];
       const int64_t begin = chunk_begin[c];
       const int64_t end = std::min(begin + kAssignChunk, offsets[g + 1]);
@@ -653,7 +680,13 @@ void kmeans_assign_cpu(const float* x, const int64_t* offsets, int64_t G, int64_
       const float* cg = c2.get() + c2_off[g];
 #ifdef RAID_FAST_X86
       if (avx2) {
-        assign_chunk_avx2(x, D, begin, end, pg, cg, kg, kp[g], buf, dist, idx);
+        int64_t next_begin = end, next_end = end;
+        if (c + 1 < c_end) {
+          next_begin = chunk_begin[c + 1];
+          next_end = std::min(next_begin + kAssignChunk, offsets[chunk_group[c + 1] + 1]);
+        }
+        assign_chunk_avx2(x, D, begin, end, next_begin, next_end, pg, cg, kg, kp[g], buf, dist,
+                          idx);
         continue;
       }
 #endif
@@ -688,7 +721,7 @@ void kmeans_update_cpu(const float* x, const int64_t* offsets, int64_t G, int64_
     std::vector<double> sums(static_cast<size_t>(nt) * std::max<int64_t>(max_small_kd, 1));
     std::vector<int64_t> cnts(static_cast<size_t>(nt) * k);
     const int64_t n_small = static_cast<int64_t>(small.size());
-  RAID_FAST_OMP(parallel for schedule(dynamic) num_threads(nt))
+    RAID_FAST_OMP(parallel for schedule(dynamic) num_threads(nt))
     for (int64_t s = 0; s < n_small; ++s) {
       const int64_t g = small[s];
       const int64_t kg = group_k(offsets, g, k);
@@ -702,7 +735,8 @@ void kmeans_update_cpu(const float* x, const int64_t* offsets, int64_t G, int64_
   }
 
   if (!large.empty()) {
-    // per thread partial sums [k_g, D] and counts [k_g], reduced in thread order.
+    // nt slices of the points, each with its partial sums [k_g, D] and counts [k_g], reduced in
+    // slice order; the slicing depends on nt only, not on the threads the runtime hands out.
     std::vector<double> sums(static_cast<size_t>(nt) * max_large_kd);
     std::vector<int64_t> cnts(static_cast<size_t>(nt) * k);
     for (const int64_t g : large) {
@@ -710,31 +744,25 @@ void kmeans_update_cpu(const float* x, const int64_t* offsets, int64_t G, int64_
       const int64_t kd = kg * D;
       const int64_t begin = offsets[g];
       const int64_t n = offsets[g + 1] - begin;
-  RAID_FAST_OMP(parallel num_threads(nt))
-      {
-        const int t = thread_id();
-        const int T = team_size();
+      RAID_FAST_OMP(parallel for schedule(static) num_threads(nt))
+      for (int t = 0; t < nt; ++t) {
         double* st = sums.data() + t * max_large_kd;
         int64_t* ct = cnts.data() + t * k;
         std::fill(st, st + kd, 0.0);
         std::fill(ct, ct + kg, int64_t{0});
-        accumulate(x, idx, begin + n * t / T, begin + n * (t + 1) / T, D, kg, st, ct);
-  RAID_FAST_OMP(barrier)
-  RAID_FAST_OMP(for schedule(static))
-        for (int64_t e = 0; e < kd; ++e) {
-          double s = sums[e];
-          for (int u = 1; u < T; ++u) s += sums[u * max_large_kd + e];
-          sums[e] = s;
-        }
-  RAID_FAST_OMP(single)
-        {
-          for (int64_t j = 0; j < kg; ++j) {
-            for (int u = 1; u < T; ++u) cnts[j] += cnts[u * k + j];
-          }
-          finalize_group(sums.data(), cnts.data(), kg, k, D, spherical, centroids + g * k * D,
-                         counts + g * k);
-        }
+        accumulate(x, idx, begin + n * t / nt, begin + n * (t + 1) / nt, D, kg, st, ct);
       }
+      RAID_FAST_OMP(parallel for schedule(static) num_threads(nt))
+      for (int64_t e = 0; e < kd; ++e) {
+        double s = sums[e];
+        for (int t = 1; t < nt; ++t) s += sums[t * max_large_kd + e];
+        sums[e] = s;
+      }
+      for (int64_t j = 0; j < kg; ++j) {
+        for (int t = 1; t < nt; ++t) cnts[j] += cnts[t * k + j];
+      }
+      finalize_group(sums.data(), cnts.data(), kg, k, D, spherical, centroids + g * k * D,
+                     counts + g * k);
     }
   }
 }
@@ -763,7 +791,7 @@ void kmeans_plusplus_cpu(const float* x, const int64_t* offsets, int64_t G, int6
   if (!small.empty()) {
     auto minds = alloc_floats(nt * max_small_n);  // per thread [n]
     const int64_t n_small = static_cast<int64_t>(small.size());
-  RAID_FAST_OMP(parallel for schedule(dynamic) num_threads(nt))
+    RAID_FAST_OMP(parallel for schedule(dynamic) num_threads(nt))
     for (int64_t s = 0; s < n_small; ++s) {
       const int64_t g = small[s];
       const int64_t n = offsets[g + 1] - offsets[g];
@@ -792,15 +820,15 @@ void kmeans_plusplus_cpu(const float* x, const int64_t* offsets, int64_t G, int6
       const double* u = uniforms + g * k;
       const int64_t n_blocks = (n + kSeedBlock - 1) / kSeedBlock;
       picks[0] = uniform_pick(u[0], n);
-  RAID_FAST_OMP(parallel num_threads(nt))
+      RAID_FAST_OMP(parallel num_threads(nt))
       for (int64_t t = 1; t < kg; ++t) {
         const float* c = xg + picks[t - 1] * D;
-  RAID_FAST_OMP(for schedule(static))
+        RAID_FAST_OMP(for schedule(static))
         for (int64_t b = 0; b < n_blocks; ++b) {
           mind_range(xg, D, b * kSeedBlock, std::min(n, (b + 1) * kSeedBlock), c, t == 1, avx2,
                      mind);
         }
-  RAID_FAST_OMP(single)
+        RAID_FAST_OMP(single)
         picks[t] = pick_next(mind, n, u[t]);
       }
       write_seeds(xg, D, kg, k, picks, centroids + g * k * D, chosen + g * k);

@@ -1,8 +1,6 @@
 // CUDA KMeans: fused assignment, Lloyd update and k-means++ seeding over ragged groups.
 // Every kernel covers all groups in one launch (a grid dimension over groups) and reads the group
 // bounds from the device offsets, so no launcher ever synchronises with the device.
-#include "kmeans/kmeans.h"
-
 #include <cuda_runtime.h>
 
 #include <cfloat>
@@ -11,6 +9,8 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+
+#include "kmeans/kmeans.h"
 
 namespace raid_fast {
 namespace {
@@ -61,7 +61,7 @@ void check_sizes(const char* name, int64_t G, int64_t max_group_size, int64_t D,
     throw std::runtime_error(std::string("raid_fast ") + name + ": negative size");
   }
   // group-local centroid ids travel as int inside the kernels
-  if (k > INT_MAX) {
+  if (k > INT_MAX / 2) {
     throw std::runtime_error(std::string("raid_fast ") + name + ": k too large");
   }
 }
@@ -102,7 +102,7 @@ __global__ void __launch_bounds__(kAsgThreads)
   const int tid = threadIdx.x;
   const int tx = tid % 16;
   const int ty = tid / 16;
-  const float* xg = x + (begin + p0) * D;  // [np, D]
+  const float* xg = x + (begin + p0) * D;   // [np, D]
   const float* cg = centroids + g * k * D;  // [k, D]
 
   float best[kAsgMicro];
@@ -223,9 +223,9 @@ __global__ void __launch_bounds__(kAsgThreads)
 // column each, so that the privatised sums need no atomics and add points in index order.
 // sums [G, k, D] double, counts [G, k]
 __global__ void __launch_bounds__(kUpdMaxCols)
-    update_sums_kernel(const float* __restrict__ x, const int64_t* __restrict__ offsets,
-                       int64_t g0, int64_t D, const int64_t* __restrict__ idx, int64_t k,
-                       int tiles, int ndc, int dc, int kc, double* __restrict__ sums,
+    update_sums_kernel(const float* __restrict__ x, const int64_t* __restrict__ offsets, int64_t g0,
+                       int64_t D, const int64_t* __restrict__ idx, int64_t k, int tiles, int ndc,
+                       int dc, int kc, double* __restrict__ sums,
                        unsigned long long* __restrict__ counts) {
   const int64_t g = g0 + blockIdx.y;
   const int tile = blockIdx.x % tiles;
@@ -242,9 +242,9 @@ __global__ void __launch_bounds__(kUpdMaxCols)
   const int nj = static_cast<int>(kg - j0 < kc ? kg - j0 : kc);
   const int np = static_cast<int>(n - p0 < kUpdPoints ? n - p0 : kUpdPoints);
 
-  __shared__ double s_sum[kUpdSmemDoubles];     // [nj, dc]
-  __shared__ int s_idx[kUpdPoints];             // chunk-local cluster of each point, -1 outside
-  __shared__ unsigned s_cnt[kUpdMaxClusters];   // [nj]
+  __shared__ double s_sum[kUpdSmemDoubles];    // [nj, dc]
+  __shared__ int s_idx[kUpdPoints];            // chunk-local cluster of each point, -1 outside
+  __shared__ unsigned s_cnt[kUpdMaxClusters];  // [nj]
 
   const int tid = threadIdx.x;
   const int64_t d = static_cast<int64_t>(dchunk) * dc + tid;
@@ -260,10 +260,13 @@ __global__ void __launch_bounds__(kUpdMaxCols)
   __syncthreads();
 
   const float* xt = x + (begin + p0) * D;  // [np, D]
+#pragma unroll 8
   for (int q = 0; q < np; ++q) {
     const int c = s_idx[q];
+    // loaded whatever c is (row q exists) so that unrolled iterations overlap their loads
+    const float v = col_ok ? xt[static_cast<int64_t>(q) * D + d] : 0.f;
     if (c >= 0) {
-      if (col_ok) s_sum[c * dc + tid] += static_cast<double>(xt[static_cast<int64_t>(q) * D + d]);
+      s_sum[c * dc + tid] += static_cast<double>(v);
       // a single thread counts, so the histogram needs no atomics
       if (tid == 0) s_cnt[c] += 1u;
     }
@@ -279,7 +282,9 @@ __global__ void __launch_bounds__(kUpdMaxCols)
   // counts do not depend on the dim chunk: only chunk 0 publishes them
   if (dchunk == 0) {
     for (int c = tid; c < nj; c += blockDim.x) {
-      if (s_cnt[c] != 0u) atomicAdd(counts + g * k + j0 + c, static_cast<unsigned long long>(s_cnt[c]));
+      if (s_cnt[c] != 0u) {
+        atomicAdd(counts + g * k + j0 + c, static_cast<unsigned long long>(s_cnt[c]));
+      }
     }
   }
 }
@@ -299,11 +304,11 @@ __global__ void __launch_bounds__(kUpdFinalThreads)
   const int tid = threadIdx.x;
   const int bs = blockDim.x;
 
-  double* c = sums + g * k * D;                        // [k, D]
-  const unsigned long long* cnt = counts_ws + g * k;   // [k]
-  int64_t* w = work + g * k;                           // [k]
-  float* out = centroids + g * k * D;                  // [k, D]
-  int64_t* out_counts = counts + g * k;                // [k]
+  double* c = sums + g * k * D;                       // [k, D]
+  const unsigned long long* cnt = counts_ws + g * k;  // [k]
+  int64_t* w = work + g * k;                          // [k]
+  float* out = centroids + g * k * D;                 // [k, D]
+  int64_t* out_counts = counts + g * k;               // [k]
 
   __shared__ int64_t s_m;
 
@@ -376,7 +381,7 @@ __global__ void __launch_bounds__(kPpInitThreads)
   const int64_t n = offsets[g + 1] - begin;
   const int64_t first = n > 0 ? uniform_pick(uniforms[g * k], n) : -1;
   const float* xr = x + (begin + (first < 0 ? 0 : first)) * D;  // [D]
-  float* out = centroids + g * k * D;                             // [k, D]
+  float* out = centroids + g * k * D;                           // [k, D]
   for (int64_t e = threadIdx.x; e < k * D; e += blockDim.x) {
     out[e] = (first >= 0 && e < D) ? xr[e] : 0.f;
   }
@@ -409,7 +414,7 @@ __global__ void __launch_bounds__(kPpChunk)
   __shared__ float ms[kPpChunk];             // [chunk]
 
   const int tid = threadIdx.x;
-  const float* xt = x + (begin + p0) * D;         // [np, D]
+  const float* xt = x + (begin + p0) * D;           // [np, D]
   const float* crow = centroids + (g * k + t) * D;  // [D]
   float acc = 0.f;
 
@@ -471,7 +476,7 @@ __global__ void __launch_bounds__(32)
   const int lane = threadIdx.x;
   const int64_t nc = (n + kPpChunk - 1) / kPpChunk;
   const double* part = partials + g * nchunks;  // [nc]
-  const float* gm = mind + begin;                // [n]
+  const float* gm = mind + begin;               // [n]
   const double u = uniforms[g * k + t];
 
   // total over chunk partials in chunk order
@@ -593,26 +598,28 @@ void kmeans_assign_cuda(const float* x, const int64_t* offsets, int64_t G, int64
 }
 
 void kmeans_update_cuda(const float* x, const int64_t* offsets, int64_t G, int64_t max_group_size,
-                        int64_t D, const int64_t* idx, int64_t k, bool spherical,
-                        float* centroids, int64_t* counts, void* workspace, void* stream) {
+                        int64_t D, const int64_t* idx, int64_t k, bool spherical, float* centroids,
+                        int64_t* counts, void* workspace, void* stream) {
   const char* name = "kmeans_update_cuda";
   check_sizes(name, G, max_group_size, D, k);
   if (G == 0 || k == 0) return;
   check_grid_x(name, G);
   cudaStream_t s = static_cast<cudaStream_t>(stream);
 
-  double* sums = static_cast<double*>(workspace);                                    // [G, k, D]
-  auto* counts_ws = reinterpret_cast<unsigned long long*>(sums + G * k * D);          // [G, k]
-  auto* work = reinterpret_cast<int64_t*>(counts_ws + G * k);                         // [G, k]
+  double* sums = static_cast<double*>(workspace);                             // [G, k, D]
+  auto* counts_ws = reinterpret_cast<unsigned long long*>(sums + G * k * D);  // [G, k]
+  auto* work = reinterpret_cast<int64_t*>(counts_ws + G * k);                 // [G, k]
   check_call(cudaMemsetAsync(workspace, 0,
                              static_cast<size_t>(kmeans_update_cuda_workspace_bytes(G, k, D)), s),
              name);
 
   const int64_t kmax = k < max_group_size ? k : max_group_size;
   if (kmax > 0) {
-    // one thread per dim column, at least a warp, at most kUpdMaxCols
+    // one thread per dim column, a multiple of 32 in [kUpdMinCols, kUpdMaxCols], narrowed while
+    // that lets all clusters fit one block (a cluster chunk rereads its points' rows)
     const int64_t dc64 = ceil_div(D < 1 ? 1 : D, 32) * 32;
-    const int dc = static_cast<int>(dc64 < kUpdMaxCols ? dc64 : kUpdMaxCols);
+    int dc = static_cast<int>(dc64 < kUpdMaxCols ? dc64 : kUpdMaxCols);
+    while (dc > kUpdMinCols && kUpdSmemDoubles / dc < kmax) dc -= 32;
     const int64_t kc64 = kUpdSmemDoubles / dc;
     const int kc = static_cast<int>(kmax < kc64 ? kmax : kc64);
     const int64_t ndc = ceil_div(D < 1 ? 1 : D, dc);
@@ -632,9 +639,9 @@ void kmeans_update_cuda(const float* x, const int64_t* offsets, int64_t G, int64
   check_launch(name);
 }
 
-void kmeans_plusplus_cuda(const float* x, const int64_t* offsets, int64_t G,
-                          int64_t max_group_size, int64_t D, int64_t k, const double* uniforms,
-                          float* centroids, int64_t* chosen, void* workspace, void* stream) {
+void kmeans_plusplus_cuda(const float* x, const int64_t* offsets, int64_t G, int64_t max_group_size,
+                          int64_t D, int64_t k, const double* uniforms, float* centroids,
+                          int64_t* chosen, void* workspace, void* stream) {
   const char* name = "kmeans_plusplus_cuda";
   check_sizes(name, G, max_group_size, D, k);
   if (G == 0 || k == 0) return;
@@ -642,8 +649,8 @@ void kmeans_plusplus_cuda(const float* x, const int64_t* offsets, int64_t G,
   cudaStream_t s = static_cast<cudaStream_t>(stream);
 
   const int64_t nchunks = ceil_div(max_group_size, kPpChunk);
-  double* partials = static_cast<double*>(workspace);                   // [G, nchunks]
-  float* mind = reinterpret_cast<float*>(partials + G * nchunks);       // [N]
+  double* partials = static_cast<double*>(workspace);              // [G, nchunks]
+  float* mind = reinterpret_cast<float*>(partials + G * nchunks);  // [N]
   // mind needs no zeroing (and N is unknown here): the t = 0 pass writes every point of every
   // group that a later step reads; the partials are zeroed so that no read can see stale bytes
   if (nchunks > 0) {
@@ -670,7 +677,7 @@ void kmeans_plusplus_cuda(const float* x, const int64_t* offsets, int64_t G,
         const int64_t gn = G - g0 < kMaxGroupsPerLaunch ? G - g0 : kMaxGroupsPerLaunch;
         dim3 grid(static_cast<unsigned>(nchunks), static_cast<unsigned>(gn));
         plusplus_mind_kernel<<<grid, kPpChunk, 0, s>>>(x, offsets, g0, D, k, t, t == 0, centroids,
-                                                      mind, partials, nchunks);
+                                                       mind, partials, nchunks);
         check_launch(name);
       }
     }

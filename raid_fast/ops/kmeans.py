@@ -9,7 +9,6 @@ tensors and a ``Groups``; the public ``kmeans_assign`` below validates user inpu
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -53,7 +52,7 @@ def _plusplus_ext(x, groups: Groups, k, uniforms):
 
 
 def _needs_device(kind: str):
-    def supports(x, *args, **kwargs) -> Optional[str]:
+    def supports(x, *args, **kwargs) -> str | None:
         if x.device.type != kind:
             return f"needs {kind} tensors, got {x.device}"
         return None
@@ -124,7 +123,7 @@ def prepare_points(name: str, x, offsets=None, offsets_name: str = "offsets") ->
     return Points(values, groups, mode)
 
 
-def prepare_centroids(name: str, c, points: Points, k: Optional[int] = None, points_name: str = "x") -> torch.Tensor:
+def prepare_centroids(name: str, c, points: Points, k: int | None = None, points_name: str = "x") -> torch.Tensor:
     """Validates centroids [k, D] (single problem) or [G, k, D]; returns float32 [G, k, D]."""
     c = _checks.as_tensor(name, c)
     _checks.check_floating(name, c)
@@ -147,7 +146,7 @@ def prepare_centroids(name: str, c, points: Points, k: Optional[int] = None, poi
     return c
 
 
-def kmeans_assign(x, centroids, offsets=None, *, backend: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def kmeans_assign(x, centroids, offsets=None, *, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest centroid (squared Euclidean) of each point, within its group.
 
     Args:

@@ -135,7 +135,9 @@ def kmeans_plusplus_ref(
             total = float(cum[-1])
             if total > 0:
                 target = float(u[g, t]) * total
-                pick = int(torch.searchsorted(cum, torch.tensor([target], dtype=torch.float64, device=cum.device), right=True))
+                pick = int(
+                    torch.searchsorted(cum, torch.tensor([target], dtype=torch.float64, device=cum.device), right=True)
+                )
                 if pick >= n:
                     pick = int(torch.nonzero(mind > 0).max())
             else:
