@@ -115,6 +115,37 @@ std::tuple<at::Tensor, at::Tensor> kmeans_update(const at::Tensor& x, const at::
   return {centroids, counts};
 }
 
+// one Lloyd iteration: (dist, idx) of the assignment and (centroids, counts) of the update; the CPU
+// kernel reads x once, the CUDA path runs the assignment and update kernels back to back
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kmeans_step(
+    const at::Tensor& x, const at::Tensor& offsets, int64_t max_group_size,
+    const at::Tensor& centroids, bool spherical, int64_t num_threads) {
+  if (is_cuda(x)) {
+    auto [dist, idx] = kmeans_assign(x, offsets, max_group_size, centroids, num_threads);
+    auto [new_centroids, counts] =
+        kmeans_update(x, offsets, max_group_size, idx, centroids.size(1), spherical, num_threads);
+    return {dist, idx, new_centroids, counts};
+  }
+  check_groups(x, offsets);
+  CHECK_F32_CONTIG(centroids);
+  const int64_t groups = offsets.numel() - 1, n = x.size(0), d = x.size(1);
+  TORCH_CHECK(centroids.dim() == 3 && centroids.size(0) == groups && centroids.size(2) == d,
+              "centroids must be [", groups, ", k, ", d, "], got ", centroids.sizes());
+  TORCH_CHECK(centroids.device() == x.device(), "centroids must be on ", x.device());
+  const int64_t k = centroids.size(1);
+  TORCH_CHECK(k >= 1, "k must be >= 1, got ", k);
+  auto dist = at::empty({n}, x.options());
+  auto idx = at::empty({n}, x.options().dtype(at::kLong));
+  auto new_centroids = at::empty({groups, k, d}, x.options());
+  auto counts = at::empty({groups, k}, x.options().dtype(at::kLong));
+  if (groups == 0) return {dist, idx, new_centroids, counts};
+  raid_fast::kmeans_step_cpu(x.data_ptr<float>(), offsets.data_ptr<int64_t>(), groups, d,
+                             centroids.data_ptr<float>(), k, spherical, dist.data_ptr<float>(),
+                             idx.data_ptr<int64_t>(), new_centroids.data_ptr<float>(),
+                             counts.data_ptr<int64_t>(), static_cast<int>(num_threads));
+  return {dist, idx, new_centroids, counts};
+}
+
 std::tuple<at::Tensor, at::Tensor> kmeans_plusplus(const at::Tensor& x, const at::Tensor& offsets,
                                                    int64_t max_group_size, int64_t k,
                                                    const at::Tensor& uniforms,
@@ -186,6 +217,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "raid_fast compiled kernels (KMeans CPU twin and CUDA)";
   m.def("kmeans_assign", &kmeans_assign, "fused nearest-centroid search over ragged groups");
   m.def("kmeans_update", &kmeans_update, "Lloyd update with empty-cluster splitting");
+  m.def("kmeans_step", &kmeans_step, "one Lloyd iteration: assignment then update");
   m.def("kmeans_plusplus", &kmeans_plusplus, "k-means++ seeding from given uniforms");
   m.def("cuda_compiled", &cuda_compiled, "whether the CUDA kernels were compiled in");
   m.def("build_info", &build_info, "compile-time configuration");

@@ -6,7 +6,9 @@ fast paths chosen by one dispatcher (see ``raid_fast.backends()``).
 
 from raid_fast import ops
 from raid_fast._dispatch import backends as _backends
+from raid_fast.database import TokenDatabase
 from raid_fast.kmeans import KMeans, KMeansResult, kmeans
+from raid_fast.retrieval import Retrieval, retrieve
 
 __version__ = "0.1.0"
 
@@ -25,4 +27,14 @@ def backends() -> dict:
     return _backends()
 
 
-__all__ = ["KMeans", "KMeansResult", "backends", "kmeans", "ops", "__version__"]
+__all__ = [
+    "KMeans",
+    "KMeansResult",
+    "Retrieval",
+    "TokenDatabase",
+    "backends",
+    "kmeans",
+    "ops",
+    "retrieve",
+    "__version__",
+]

@@ -126,9 +126,10 @@ def kmeans(
 
         steps = tqdm(steps, desc=f"kmeans k={k}", unit="iter")
     for it in steps:
-        dist, idx = _dispatch.call("kmeans_assign", points.values, groups, centroids, backend=backend)
+        dist, _, centroids, _ = _dispatch.call(
+            "kmeans_step", points.values, groups, centroids, spherical, backend=backend
+        )
         obj[it] = groups.segment_sum(dist)
-        centroids, _ = _dispatch.call("kmeans_update", points.values, groups, idx, k, spherical, backend=backend)
     dist, idx = _dispatch.call("kmeans_assign", points.values, groups, centroids, backend=backend)
     obj[niter] = groups.segment_sum(dist)
 

@@ -1,7 +1,13 @@
 import inspect
+import os
 
 import pytest
 import torch
+
+# without a GPU the triton kernels run under the interpreter; the switch must be set before triton
+# is first imported (auto dispatch never picks interpreted kernels, tests ask for them explicitly)
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # tf32 would make the references themselves inexact on GPUs
 torch.backends.cuda.matmul.allow_tf32 = False
@@ -43,8 +49,6 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_sessionstart(session):
-    import os
-
     from raid_fast import _ext
 
     if os.environ.get("RAID_FAST_REQUIRE_EXT", "0") not in ("", "0") and not _ext.HAS_EXT:

@@ -65,7 +65,7 @@ def test_unknown_op_and_bad_backend_name():
 def test_backends_table(toy_op):
     table = raid_fast.backends()
     assert table[toy_op] == {"cuda": "no GPU here", "cpp": "ok", "triton": "ok (explicit requests only)", "torch": "ok"}
-    for op in ("kmeans_assign", "kmeans_update", "kmeans_plusplus"):
+    for op in ("kmeans_assign", "kmeans_update", "kmeans_step", "kmeans_plusplus"):
         assert table[op]["torch"] == "ok"
         assert set(table[op]) == {"torch", "cpp", "cuda"}
 

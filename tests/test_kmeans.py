@@ -91,6 +91,28 @@ def test_update_matches_reference(backend, sizes, d, k, spherical):
     assert_close_verbose("centroids", c, ref_c, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", backend_params("kmeans_step"))
+@pytest.mark.parametrize("spherical", [False, True], ids=["l2", "spherical"])
+@pytest.mark.parametrize("sizes,d,k", SHAPES, ids=SHAPE_IDS)
+def test_step_matches_assign_then_update_reference(backend, sizes, d, k, spherical):
+    dev = device_of(backend)
+    x, groups = make_groups(sizes, d, dev)
+    # centroids on data points, a few duplicated, so that some clusters end up empty and split
+    c = torch.zeros(groups.n_groups, k, d)
+    for g, (lo, n) in enumerate(zip(groups.offsets_cpu[:-1].tolist(), groups.sizes_cpu.tolist())):
+        k_g = min(k, n)
+        c[g, :k_g] = x.cpu()[lo + torch.arange(k_g) // 2]
+    c = c.to(dev)
+    dist, idx, new_c, counts = _dispatch.call("kmeans_step", x, groups, c, spherical, backend=backend)
+    ref_dist, ref_idx = kmeans_assign_ref(x.cpu(), groups.offsets_cpu, c.cpu())
+    assert_close_verbose("dist", dist, ref_dist, atol=1e-3, rtol=1e-4)
+    assert_assign_equal_up_to_ties(x, c, groups.offsets_cpu, idx, ref_idx)
+    # the update is checked from the backend's own assignment, which may differ from the ref on ties
+    ref_c, ref_counts = kmeans_update_ref(x.cpu(), groups.offsets_cpu, idx.cpu(), k, spherical)
+    assert torch.equal(counts.cpu(), ref_counts)
+    assert_close_verbose("centroids", new_c, ref_c, atol=1e-5, rtol=1e-5)
+
+
 def test_update_split_rule_by_hand():
     # three points in cluster 0, cluster 1 empty: cluster 1 becomes a perturbed copy of cluster 0
     x = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
@@ -254,6 +276,14 @@ class TestErrors:
         x[4, 1] = bad
         with pytest.raises(ValueError, match="x must be finite, got 1 NaN/inf"):
             raid_fast.kmeans(x, 2)
+
+    def test_large_finite_values_are_not_flagged(self):
+        # the fast finiteness test sums the input; an overflowing sum of finite values must pass
+        x = torch.full((20, 2), 3e38)
+        x[::2] *= -1
+        x[1] = 3e38
+        _, idx = raid_fast.ops.kmeans_assign(x, torch.tensor([[3e38, 3e38], [-3e38, -3e38]]), backend="torch")
+        assert idx.tolist()[:2] == [1, 0]
 
     def test_non_finite_init(self):
         init = torch.randn(2, 3)

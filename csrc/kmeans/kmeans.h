@@ -43,6 +43,14 @@ void kmeans_update_cpu(const float* x, const int64_t* offsets, int64_t G, int64_
                        const int64_t* idx, int64_t k, bool spherical, float* centroids,
                        int64_t* counts, int num_threads);
 
+// One fused Lloyd step over the data, reading x once: the assignment of kmeans_assign_cpu (dist,
+// idx, identical results) and, from it, the update of kmeans_update_cpu (new_centroids, counts,
+// same rules: double accumulation, empty-cluster split, spherical normalisation, zero rows >= k_g).
+// centroids [G, k, D] input; dist [N], idx [N], new_centroids [G, k, D], counts [G, k] outputs.
+void kmeans_step_cpu(const float* x, const int64_t* offsets, int64_t G, int64_t D,
+                     const float* centroids, int64_t k, bool spherical, float* dist, int64_t* idx,
+                     float* new_centroids, int64_t* counts, int num_threads);
+
 // k-means++ seeding, driven by given uniforms [G, k] float64 in [0, 1) so that every backend picks
 // the same points. For group g (n = N_g, k_g = min(k, n)):
 //   chosen[0] = min(floor(u[g,0] * n), n - 1);

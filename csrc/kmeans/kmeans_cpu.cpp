@@ -1,5 +1,6 @@
-// cpu kernels of the kmeans interface declared in kmeans.h: fused assignment, lloyd update and
-// k-means++ seeding. the avx2/fma paths are picked at run time, so the build needs no -march flag.
+// cpu kernels of the kmeans interface declared in kmeans.h: fused assignment, lloyd update, the
+// lloyd step that does both in one pass over x, and k-means++ seeding. the avx2/fma paths are
+// picked at run time, so the build needs no -march flag.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -392,8 +393,9 @@ __attribute__((target("avx2,fma"))) void assign_chunk_avx2(const float* x, int64
 constexpr int64_t kSerialGroupWork = int64_t{1} << 20;
 
 // sums [kg, D] and cnt [kg] over points begin .. end-1 of x; labels outside [0, kg) are skipped.
-void accumulate(const float* x, const int64_t* idx, int64_t begin, int64_t end, int64_t D,
-                int64_t kg, double* sums, int64_t* cnt) {
+// both paths give every element the same double adds in the same order, so they agree exactly.
+void accumulate_generic(const float* x, const int64_t* idx, int64_t begin, int64_t end, int64_t D,
+                        int64_t kg, double* sums, int64_t* cnt) {
   for (int64_t i = begin; i < end; ++i) {
     const int64_t j = idx[i];
     if (j < 0 || j >= kg) continue;
@@ -402,6 +404,53 @@ void accumulate(const float* x, const int64_t* idx, int64_t begin, int64_t end, 
     double* s = sums + j * D;
     for (int64_t d = 0; d < D; ++d) s[d] += static_cast<double>(xi[d]);
   }
+}
+
+#ifdef RAID_FAST_X86
+
+// 4 dims per ymm: the floats are widened with cvtps_pd, then added to the double sums.
+__attribute__((target("avx2"))) inline void add_row_avx2(const float* xi, int64_t D, double* s) {
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16) {
+    const __m256d v0 = _mm256_cvtps_pd(_mm_loadu_ps(xi + d));
+    const __m256d v1 = _mm256_cvtps_pd(_mm_loadu_ps(xi + d + 4));
+    const __m256d v2 = _mm256_cvtps_pd(_mm_loadu_ps(xi + d + 8));
+    const __m256d v3 = _mm256_cvtps_pd(_mm_loadu_ps(xi + d + 12));
+    _mm256_storeu_pd(s + d, _mm256_add_pd(_mm256_loadu_pd(s + d), v0));
+    _mm256_storeu_pd(s + d + 4, _mm256_add_pd(_mm256_loadu_pd(s + d + 4), v1));
+    _mm256_storeu_pd(s + d + 8, _mm256_add_pd(_mm256_loadu_pd(s + d + 8), v2));
+    _mm256_storeu_pd(s + d + 12, _mm256_add_pd(_mm256_loadu_pd(s + d + 12), v3));
+  }
+  for (; d + 4 <= D; d += 4) {
+    const __m256d v = _mm256_cvtps_pd(_mm_loadu_ps(xi + d));
+    _mm256_storeu_pd(s + d, _mm256_add_pd(_mm256_loadu_pd(s + d), v));
+  }
+  for (; d < D; ++d) s[d] += static_cast<double>(xi[d]);
+}
+
+__attribute__((target("avx2"))) void accumulate_avx2(const float* x, const int64_t* idx,
+                                                     int64_t begin, int64_t end, int64_t D,
+                                                     int64_t kg, double* sums, int64_t* cnt) {
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t j = idx[i];
+    if (j < 0 || j >= kg) continue;
+    ++cnt[j];
+    add_row_avx2(x + i * D, D, sums + j * D);
+  }
+}
+
+#endif  // RAID_FAST_X86
+
+void accumulate(const float* x, const int64_t* idx, int64_t begin, int64_t end, int64_t D,
+                int64_t kg, bool avx2, double* sums, int64_t* cnt) {
+#ifdef RAID_FAST_X86
+  if (avx2) {
+    accumulate_avx2(x, idx, begin, end, D, kg, sums, cnt);
+    return;
+  }
+#endif
+  (void)avx2;
+  accumulate_generic(x, idx, begin, end, D, kg, sums, cnt);
 }
 
 // means, empty-cluster splits and normalisation of one group, all in double in place of its sums
@@ -457,6 +506,144 @@ void finalize_group(double* sums, const int64_t* cnt, int64_t kg, int64_t k, int
   for (int64_t e = 0; e < kg * D; ++e) cent[e] = static_cast<float>(sums[e]);
   for (int64_t j = kg; j < k; ++j) counts_out[j] = 0;
   std::fill(cent + kg * D, cent + k * D, 0.0f);
+}
+
+// the centroids of every group packed for the assignment micro-kernels, plus the dispatch of one
+// chunk of points to the avx2 or the portable kernel.
+struct PackedCentroids {
+  const int64_t* offsets;
+  int64_t D;
+  int64_t k;
+  bool avx2;
+  std::vector<int64_t> kp;        // per group: padded width, a multiple of 8
+  std::vector<int64_t> pack_off;  // per group: offset into pack
+  std::vector<int64_t> c2_off;    // per group: offset into c2
+  int64_t max_kp = 8;
+  std::unique_ptr<float[], FreeDeleter> pack;  // per group [kp, D] as column panels
+  std::unique_ptr<float[], FreeDeleter> c2;    // per group [kp]
+
+  PackedCentroids(const int64_t* offsets_in, int64_t G, int64_t D_in, const float* centroids,
+                  int64_t k_in, int nt)
+      : offsets(offsets_in),
+        D(D_in),
+        k(k_in),
+        avx2(cpu_has_avx2_fma()),
+        kp(G),
+        pack_off(G + 1, 0),
+        c2_off(G + 1, 0) {
+    (void)nt;  // only read by the omp clause
+    for (int64_t g = 0; g < G; ++g) {
+      kp[g] = round_up(std::max<int64_t>(group_k(offsets, g, k), 1), 8);
+      max_kp = std::max(max_kp, kp[g]);
+      pack_off[g + 1] = pack_off[g] + kp[g] * D;
+      c2_off[g + 1] = c2_off[g] + kp[g];
+    }
+    pack = alloc_floats(pack_off[G]);
+    c2 = alloc_floats(c2_off[G]);
+    RAID_FAST_OMP(parallel for schedule(dynamic) num_threads(nt))
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t kg = group_k(offsets, g, k);
+      if (kg > 0) {
+        pack_centroids(centroids + g * k * D, kg, kp[g], D, pack.get() + pack_off[g],
+                       c2.get() + c2_off[g]);
+      }
+    }
+  }
+
+  // size of the dot buffer that assign_chunk needs.
+  int64_t buf_floats() const { return kBufRows * max_kp; }
+
+  // dist and idx of points begin .. end-1 (at most kAssignChunk) of group g; points
+  // next_begin .. next_end-1 are prefetched on the way. every point's result depends on its own
+  // row only, not on where the chunk starts. buf [buf_floats()] is scratch.
+  void assign_chunk(const float* x, int64_t g, int64_t begin, int64_t end, int64_t next_begin,
+                    int64_t next_end, float* buf, float* dist, int64_t* idx) const {
+    const int64_t kg = group_k(offsets, g, k);
+    const float* pg = pack.get() + pack_off[g];
+    const float* cg = c2.get() + c2_off[g];
+#ifdef RAID_FAST_X86
+    if (avx2) {
+      assign_chunk_avx2(x, D, begin, end, next_begin, next_end, pg, cg, kg, kp[g], buf, dist, idx);
+      return;
+    }
+#endif
+    (void)next_begin;
+    (void)next_end;
+    assign_chunk_generic(x, D, begin, end, pg, cg, kg, kp[g], buf, dist, idx);
+  }
+};
+
+// the lloyd update shared by kmeans_update_cpu and kmeans_step_cpu. fill(g, begin, end, sums, cnt)
+// must add points begin .. end-1 of group g, in order of i, to sums [k_g, D] and cnt [k_g], which
+// come zeroed; it runs inside a parallel region, once per small group with all of its points and
+// once per slice of a large group. the slicing depends on nt only, not on the threads the runtime
+// hands out, and the slices are reduced in order, so the result is the same for every fill that
+// adds the same values.
+template <typename Fill>
+void lloyd_update(const int64_t* offsets, int64_t G, int64_t D, int64_t k, bool spherical, int nt,
+                  const Fill& fill, float* centroids, int64_t* counts) {
+  std::vector<int64_t> small, large;
+  int64_t max_small_kd = 0, max_large_kd = 0;
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t n = offsets[g + 1] - offsets[g];
+    const int64_t kd = group_k(offsets, g, k) * D;
+    if (n * D < kSerialGroupWork || nt == 1) {
+      small.push_back(g);
+      max_small_kd = std::max(max_small_kd, kd);
+    } else {
+      large.push_back(g);
+      max_large_kd = std::max(max_large_kd, kd);
+    }
+  }
+
+  if (!small.empty()) {
+    // per thread: sums [k_g, D] and counts [k_g] of the group it is working on.
+    std::vector<double> sums(static_cast<size_t>(nt) * std::max<int64_t>(max_small_kd, 1));
+    std::vector<int64_t> cnts(static_cast<size_t>(nt) * k);
+    const int64_t n_small = static_cast<int64_t>(small.size());
+    RAID_FAST_OMP(parallel for schedule(dynamic) num_threads(nt))
+    for (int64_t s = 0; s < n_small; ++s) {
+      const int64_t g = small[s];
+      const int64_t kg = group_k(offsets, g, k);
+      double* sg = sums.data() + thread_id() * std::max<int64_t>(max_small_kd, 1);
+      int64_t* cg = cnts.data() + thread_id() * k;
+      std::fill(sg, sg + kg * D, 0.0);
+      std::fill(cg, cg + kg, int64_t{0});
+      fill(g, offsets[g], offsets[g + 1], sg, cg);
+      finalize_group(sg, cg, kg, k, D, spherical, centroids + g * k * D, counts + g * k);
+    }
+  }
+
+  if (!large.empty()) {
+    // nt slices of the points, each with its partial sums [k_g, D] and counts [k_g].
+    std::vector<double> sums(static_cast<size_t>(nt) * max_large_kd);
+    std::vector<int64_t> cnts(static_cast<size_t>(nt) * k);
+    for (const int64_t g : large) {
+      const int64_t kg = group_k(offsets, g, k);
+      const int64_t kd = kg * D;
+      const int64_t begin = offsets[g];
+      const int64_t n = offsets[g + 1] - begin;
+      RAID_FAST_OMP(parallel for schedule(static) num_threads(nt))
+      for (int t = 0; t < nt; ++t) {
+        double* st = sums.data() + t * max_large_kd;
+        int64_t* ct = cnts.data() + t * k;
+        std::fill(st, st + kd, 0.0);
+        std::fill(ct, ct + kg, int64_t{0});
+        fill(g, begin + n * t / nt, begin + n * (t + 1) / nt, st, ct);
+      }
+      RAID_FAST_OMP(parallel for schedule(static) num_threads(nt))
+      for (int64_t e = 0; e < kd; ++e) {
+        double s = sums[e];
+        for (int t = 1; t < nt; ++t) s += sums[t * max_large_kd + e];
+        sums[e] = s;
+      }
+      for (int64_t j = 0; j < kg; ++j) {
+        for (int t = 1; t < nt; ++t) cnts[j] += cnts[t * k + j];
+      }
+      finalize_group(sums.data(), cnts.data(), kg, k, D, spherical, centroids + g * k * D,
+                     counts + g * k);
+    }
+  }
 }
 
 // groups with fewer point-dims than this are seeded by a single thread each.
@@ -635,65 +822,36 @@ void kmeans_assign_cpu(const float* x, const int64_t* offsets, int64_t G, int64_
                        int num_threads) {
   if (G <= 0 || k <= 0) return;
   const int nt = std::max(1, num_threads);
-  const bool avx2 = cpu_has_avx2_fma();
+  const PackedCentroids packed(offsets, G, D, centroids, k, nt);
 
-  // per group: padded width kp (multiple of 8) and offsets into the packed buffers.
-  std::vector<int64_t> kp(G), pack_off(G + 1, 0), c2_off(G + 1, 0);
-  int64_t max_kp = 8;
   std::vector<int64_t> chunk_group, chunk_begin;
   for (int64_t g = 0; g < G; ++g) {
-    kp[g] = round_up(std::max<int64_t>(group_k(offsets, g, k), 1), 8);
-    max_kp = std::max(max_kp, kp[g]);
-    pack_off[g + 1] = pack_off[g] + kp[g] * D;
-    c2_off[g + 1] = c2_off[g] + kp[g];
     for (int64_t i = offsets[g]; i < offsets[g + 1]; i += kAssignChunk) {
       chunk_group.push_back(g);
       chunk_begin.push_back(i);
     }
   }
-  auto pack = alloc_floats(pack_off[G]);             // per group [kp, D] as column panels
-  auto c2 = alloc_floats(c2_off[G]);                 // per group [kp]
-  auto bufs = alloc_floats(nt * kBufRows * max_kp);  // per thread [kBufRows, max_kp]
+  auto bufs = alloc_floats(nt * packed.buf_floats());  // per thread [kBufRows, max_kp]
   const int64_t n_chunks = static_cast<int64_t>(chunk_group.size());
   const int64_t n_tasks = (n_chunks + kChunksPerTask - 1) / kChunksPerTask;
-
-  RAID_FAST_OMP(parallel for schedule(dynamic) num_threads(nt))
-  for (int64_t g = 0; g < G; ++g) {
-    const int64_t kg = group_k(offsets, g, k);
-    if (kg > 0) {
-      pack_centroids(centroids + g * k * D, kg, kp[g], D, pack.get() + pack_off[g],
-                     c2.get() + c2_off[g]);
-    }
-  }
 
   // a thread takes kChunksPerTask consecutive chunks at a time, so it knows which rows come next.
   RAID_FAST_OMP(parallel for schedule(dynamic) num_threads(nt))
   for (int64_t task = 0; task < n_tasks; ++task) {
-    float* buf = bufs.get() + thread_id() * kBufRows * max_kp;
+    float* buf = bufs.get() + thread_id() * packed.buf_floats();
     const int64_t c_end = std::min(n_chunks, (task + 1) * kChunksPerTask);
     for (int64_t c = task * kChunksPerTask; c < c_end; ++c) {
       const int64_t g = chunk_group[c];
       const int64_t begin = chunk_begin[c];
       const int64_t end = std::min(begin + kAssignChunk, offsets[g + 1]);
-      const int64_t kg = group_k(offsets, g, k);
-      const float* pg = pack.get() + pack_off[g];
-      const float* cg = c2.get() + c2_off[g];
-#ifdef RAID_FAST_X86
-      if (avx2) {
-        int64_t next_begin = end, next_end = end;
-        if (c + 1 < c_end) {
-          next_begin = chunk_begin[c + 1];
-          next_end = std::min(next_begin + kAssignChunk, offsets[chunk_group[c + 1] + 1]);
-        }
-        assign_chunk_avx2(x, D, begin, end, next_begin, next_end, pg, cg, kg, kp[g], buf, dist,
-                          idx);
-        continue;
+      int64_t next_begin = end, next_end = end;
+      if (c + 1 < c_end) {
+        next_begin = chunk_begin[c + 1];
+        next_end = std::min(next_begin + kAssignChunk, offsets[chunk_group[c + 1] + 1]);
       }
-#endif
-      assign_chunk_generic(x, D, begin, end, pg, cg, kg, kp[g], buf, dist, idx);
+      packed.assign_chunk(x, g, begin, end, next_begin, next_end, buf, dist, idx);
     }
   }
-  (void)avx2;
 }
 
 void kmeans_update_cpu(const float* x, const int64_t* offsets, int64_t G, int64_t D,
@@ -701,70 +859,33 @@ void kmeans_update_cpu(const float* x, const int64_t* offsets, int64_t G, int64_
                        int64_t* counts, int num_threads) {
   if (G <= 0 || k <= 0) return;
   const int nt = std::max(1, num_threads);
+  const bool avx2 = cpu_has_avx2_fma();
+  auto fill = [&](int64_t g, int64_t begin, int64_t end, double* sums, int64_t* cnt) {
+    accumulate(x, idx, begin, end, D, group_k(offsets, g, k), avx2, sums, cnt);
+  };
+  lloyd_update(offsets, G, D, k, spherical, nt, fill, centroids, counts);
+}
 
-  std::vector<int64_t> small, large;
-  int64_t max_small_kd = 0, max_large_kd = 0;
-  for (int64_t g = 0; g < G; ++g) {
-    const int64_t n = offsets[g + 1] - offsets[g];
-    const int64_t kd = group_k(offsets, g, k) * D;
-    if (n * D < kSerialGroupWork || nt == 1) {
-      small.push_back(g);
-      max_small_kd = std::max(max_small_kd, kd);
-    } else {
-      large.push_back(g);
-      max_large_kd = std::max(max_large_kd, kd);
+void kmeans_step_cpu(const float* x, const int64_t* offsets, int64_t G, int64_t D,
+                     const float* centroids, int64_t k, bool spherical, float* dist, int64_t* idx,
+                     float* new_centroids, int64_t* counts, int num_threads) {
+  if (G <= 0 || k <= 0) return;
+  const int nt = std::max(1, num_threads);
+  const PackedCentroids packed(offsets, G, D, centroids, k, nt);
+  auto bufs = alloc_floats(nt * packed.buf_floats());  // per thread [kBufRows, max_kp]
+  // each chunk of points is added to the sums right after its argmin, while its rows are still in
+  // cache, so x is read from memory once. the update's slicing and order of adds are kept, so the
+  // result equals kmeans_assign_cpu followed by kmeans_update_cpu.
+  auto fill = [&](int64_t g, int64_t begin, int64_t end, double* sums, int64_t* cnt) {
+    float* buf = bufs.get() + thread_id() * packed.buf_floats();
+    const int64_t kg = group_k(offsets, g, k);
+    for (int64_t i = begin; i < end; i += kAssignChunk) {
+      const int64_t e = std::min(i + kAssignChunk, end);
+      packed.assign_chunk(x, g, i, e, e, std::min(e + kAssignChunk, end), buf, dist, idx);
+      accumulate(x, idx, i, e, D, kg, packed.avx2, sums, cnt);
     }
-  }
-
-  if (!small.empty()) {
-    // per thread: sums [k_g, D] and counts [k_g] of the group it is working on.
-    std::vector<double> sums(static_cast<size_t>(nt) * std::max<int64_t>(max_small_kd, 1));
-    std::vector<int64_t> cnts(static_cast<size_t>(nt) * k);
-    const int64_t n_small = static_cast<int64_t>(small.size());
-    RAID_FAST_OMP(parallel for schedule(dynamic) num_threads(nt))
-    for (int64_t s = 0; s < n_small; ++s) {
-      const int64_t g = small[s];
-      const int64_t kg = group_k(offsets, g, k);
-      double* sg = sums.data() + thread_id() * std::max<int64_t>(max_small_kd, 1);
-      int64_t* cg = cnts.data() + thread_id() * k;
-      std::fill(sg, sg + kg * D, 0.0);
-      std::fill(cg, cg + kg, int64_t{0});
-      accumulate(x, idx, offsets[g], offsets[g + 1], D, kg, sg, cg);
-      finalize_group(sg, cg, kg, k, D, spherical, centroids + g * k * D, counts + g * k);
-    }
-  }
-
-  if (!large.empty()) {
-    // nt slices of the points, each with its partial sums [k_g, D] and counts [k_g], reduced in
-    // slice order; the slicing depends on nt only, not on the threads the runtime hands out.
-    std::vector<double> sums(static_cast<size_t>(nt) * max_large_kd);
-    std::vector<int64_t> cnts(static_cast<size_t>(nt) * k);
-    for (const int64_t g : large) {
-      const int64_t kg = group_k(offsets, g, k);
-      const int64_t kd = kg * D;
-      const int64_t begin = offsets[g];
-      const int64_t n = offsets[g + 1] - begin;
-      RAID_FAST_OMP(parallel for schedule(static) num_threads(nt))
-      for (int t = 0; t < nt; ++t) {
-        double* st = sums.data() + t * max_large_kd;
-        int64_t* ct = cnts.data() + t * k;
-        std::fill(st, st + kd, 0.0);
-        std::fill(ct, ct + kg, int64_t{0});
-        accumulate(x, idx, begin + n * t / nt, begin + n * (t + 1) / nt, D, kg, st, ct);
-      }
-      RAID_FAST_OMP(parallel for schedule(static) num_threads(nt))
-      for (int64_t e = 0; e < kd; ++e) {
-        double s = sums[e];
-        for (int t = 1; t < nt; ++t) s += sums[t * max_large_kd + e];
-        sums[e] = s;
-      }
-      for (int64_t j = 0; j < kg; ++j) {
-        for (int t = 1; t < nt; ++t) cnts[j] += cnts[t * k + j];
-      }
-      finalize_group(sums.data(), cnts.data(), kg, k, D, spherical, centroids + g * k * D,
-                     counts + g * k);
-    }
-  }
+  };
+  lloyd_update(offsets, G, D, k, spherical, nt, fill, new_centroids, counts);
 }
 
 void kmeans_plusplus_cpu(const float* x, const int64_t* offsets, int64_t G, int64_t D, int64_t k,

@@ -1,5 +1,6 @@
 """Public functional ops: validate at the boundary, then dispatch (``raid_fast._dispatch``)."""
 
 from raid_fast.ops.kmeans import kmeans_assign
+from raid_fast.ops.search import cosine_topk, cost_volume, ivf_topk
 
-__all__ = ["kmeans_assign"]
+__all__ = ["cosine_topk", "cost_volume", "ivf_topk", "kmeans_assign"]

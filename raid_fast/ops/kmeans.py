@@ -16,7 +16,7 @@ from raid_fast import _checks, _dispatch, _ext
 from raid_fast._ragged import Groups
 from raid_fast.ref.kmeans import kmeans_assign_ref, kmeans_plusplus_ref, kmeans_update_ref
 
-OPS = ("kmeans_assign", "kmeans_update", "kmeans_plusplus")
+OPS = ("kmeans_assign", "kmeans_update", "kmeans_step", "kmeans_plusplus")
 
 
 def _assign_torch(x, groups: Groups, centroids):
@@ -25,6 +25,12 @@ def _assign_torch(x, groups: Groups, centroids):
 
 def _update_torch(x, groups: Groups, idx, k, spherical):
     return kmeans_update_ref(x, groups.offsets_cpu, idx, k, spherical)
+
+
+def _step_torch(x, groups: Groups, centroids, spherical):
+    dist, idx = kmeans_assign_ref(x, groups.offsets_cpu, centroids)
+    new_centroids, counts = kmeans_update_ref(x, groups.offsets_cpu, idx, centroids.shape[1], spherical)
+    return dist, idx, new_centroids, counts
 
 
 def _plusplus_torch(x, groups: Groups, k, uniforms):
@@ -42,6 +48,12 @@ def _assign_ext(x, groups: Groups, centroids):
 def _update_ext(x, groups: Groups, idx, k, spherical):
     return _ext._C.kmeans_update(
         x, _ext_offsets(x, groups), groups.max_size, idx, k, spherical, torch.get_num_threads()
+    )
+
+
+def _step_ext(x, groups: Groups, centroids, spherical):
+    return _ext._C.kmeans_step(
+        x, _ext_offsets(x, groups), groups.max_size, centroids, spherical, torch.get_num_threads()
     )
 
 
@@ -63,6 +75,7 @@ def _needs_device(kind: str):
 for _op, _ref, _fast in (
     ("kmeans_assign", _assign_torch, _assign_ext),
     ("kmeans_update", _update_torch, _update_ext),
+    ("kmeans_step", _step_torch, _step_ext),
     ("kmeans_plusplus", _plusplus_torch, _plusplus_ext),
 ):
     _dispatch.register(_op, "torch", _ref, priority=100)

@@ -1,0 +1,224 @@
+"""Retrieval benchmarks: hierarchical vs exact flat retrieve (+ cost volume), and faiss IVF-Flat.
+
+Workloads (DESIGN.md section 9): ``mvtec256`` (15 classes x 80 templates x 18x18 tokens, D = 384,
+S = 50, P = 5, K = 150) and ``mvtec448`` (32x32 tokens); ``small`` is a CI-sized stand-in.
+Tokens are random unit vectors (timing only); recall@K of each mode against exact flat search over
+the routed class is printed beside every time, and each provider is checked against the
+reference before it is timed.
+
+Script: ``python -m benchmarks.bench_retrieval --size mvtec256 --out benchmarks/results``;
+suite: ``pytest benchmarks --benchmark-only`` (``--bench-size full`` for ``mvtec256``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import raid_fast as rf
+from benchmarks import _bench
+
+
+@dataclass(frozen=True)
+class Workload:
+    classes: int
+    templates: int
+    grid: int
+    dim: int = 384
+    n_semantic: int = 50
+    nprobe: int = 5
+    k: int = 150
+    batch: int = 1
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.grid * self.grid
+
+
+WORKLOADS = {
+    "small": Workload(classes=3, templates=8, grid=12, dim=64, n_semantic=10, nprobe=3, k=50),
+    "mvtec256": Workload(classes=15, templates=80, grid=18),
+    "mvtec448": Workload(classes=15, templates=80, grid=32),
+}
+
+
+@lru_cache(maxsize=2)
+def make_database(w: Workload, device: str, seed: int = 0):
+    """Random unit-vector templates clustered into the hierarchy (5 Lloyd iterations suffice for timing)."""
+    gen = torch.Generator().manual_seed(seed)
+    n_img = w.classes * w.templates
+    patch = torch.randn(n_img, w.tokens_per_image, w.dim, generator=gen)
+    labels = torch.arange(n_img) // w.templates
+    cls = torch.randn(n_img, w.dim, generator=gen) + 4 * F.one_hot(labels % w.dim, w.dim).float()
+    db = rf.TokenDatabase.build(patch, cls, labels=labels, n_semantic=w.n_semantic, kmeans_iters=5, seed=seed)
+    queries = torch.randn(w.batch, w.tokens_per_image, w.dim, generator=gen)
+    query_cls = cls[labels == 0][: w.batch] if w.batch <= w.templates else cls[:1].expand(w.batch, -1)
+    return db.to(device), queries.to(device), query_cls.to(device)
+
+
+def recall(idx: torch.Tensor, exact_idx: torch.Tensor) -> float:
+    """Mean fraction of the exact top-K ids found in ``idx`` ([B, L, K] each)."""
+    hits = (idx.unsqueeze(-1) == exact_idx.unsqueeze(-2)).any(dim=-2) & (exact_idx >= 0)
+    return float(hits.sum()) / max(1, int((exact_idx >= 0).sum()))
+
+
+def faiss_ivf(db, class_id: int):
+    """faiss IndexIVFFlat over one class with our prototypes as the coarse quantizer and our lists."""
+    import faiss
+
+    s = int(db.n_semantic[class_id])
+    quantizer = faiss.IndexFlatIP(db.dim)
+    quantizer.add(db.semantic_prototypes[class_id, :s].cpu().numpy())
+    index = faiss.IndexIVFFlat(quantizer, db.dim, s, faiss.METRIC_INNER_PRODUCT)
+    lo, hi = int(db.class_offsets[class_id]), int(db.class_offsets[class_id + 1])
+    index.add_with_ids(db.tokens[lo:hi].cpu().numpy(), torch.arange(lo, hi).numpy())
+    return index
+
+
+def setup(w: Workload, provider: str, device: str):
+    """(fn, result) for one provider; fn() runs one retrieval of the query batch + cost volume."""
+    db, q, qc = make_database(w, device)
+    out = {}
+    if provider in ("hierarchical", "flat_multi", "flat_single"):
+        mode = "hierarchical" if provider == "hierarchical" else "flat"
+        class_ids = db.classify(qc) if provider == "flat_single" else None
+
+        def fn():
+            res = rf.retrieve(q, db, query_cls=qc, class_ids=class_ids, k=w.k, nprobe=w.nprobe, mode=mode)
+            out["cost"] = res.cost_volume(w.grid, w.grid)
+            out["res"] = res
+
+    elif provider == "faiss_ivf":
+        class_id = int(db.classify(qc)[0])
+        index = faiss_ivf(db, class_id)
+        index.nprobe = w.nprobe
+        qn = F.normalize(q, dim=-1).reshape(-1, w.dim).cpu().numpy()
+
+        def fn():
+            sims, ids = index.search(qn, w.k)
+            dist = torch.from_numpy(1.0 - sims).view(w.batch, -1, w.k)
+            out["cost"] = dist.permute(0, 2, 1).reshape(w.batch, w.k, w.grid, w.grid)
+            out["idx"] = torch.from_numpy(ids).view(w.batch, -1, w.k)
+
+    else:
+        msg = f"unknown provider {provider!r}"
+        raise ValueError(msg)
+    return fn, out
+
+
+def providers(device: str) -> list[str]:
+    names = ["hierarchical", "flat_single", "flat_multi"]
+    if device == "cpu" and importable("faiss"):
+        names.append("faiss_ivf")
+    return names
+
+
+def importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def gate(w: Workload, device: str) -> None:
+    """Hierarchical must equal faiss IVF-Flat on the same lists (when faiss is here), and the
+    flat path must equal the exact reference, before anything is timed."""
+    db, q, qc = make_database(w, device)
+    res = rf.retrieve(q, db, query_cls=qc, k=w.k, mode="flat", class_ids=db.classify(qc))
+    ref = rf.retrieve(q, db, query_cls=qc, k=w.k, mode="flat", class_ids=db.classify(qc), backend="torch")
+    if not torch.allclose(res.dist, ref.dist, atol=1e-4):
+        msg = "correctness gate failed: flat retrieval differs from the torch reference"
+        raise AssertionError(msg)
+    if "faiss_ivf" in providers(device):
+        fn, out = setup(w, "faiss_ivf", device)
+        fn()
+        hier = rf.retrieve(q, db, query_cls=qc, k=w.k, nprobe=w.nprobe)
+        faiss_cost = out["cost"].to(device)
+        if not torch.allclose(hier.cost_volume(w.grid, w.grid), faiss_cost, atol=1e-4):
+            msg = "correctness gate failed: hierarchical retrieval differs from faiss IVF-Flat"
+            raise AssertionError(msg)
+
+
+def run(size: str, device: str, out_dir: str | None, rounds: int = 5) -> list[dict]:
+    w = WORKLOADS[size]
+    gate(w, device)
+    db, q, qc = make_database(w, device)
+    exact = rf.retrieve(q, db, query_cls=qc, k=w.k, mode="flat", class_ids=db.classify(qc))
+    rows, times = [], {}
+    for provider in providers(device):
+        fn, out = setup(w, provider, device)
+        n_rounds = 1 if provider == "flat_multi" and device == "cpu" else rounds
+        t = _bench.time_fn(fn, device, rounds=n_rounds, warmup=1)
+        idx = out["res"].idx if "res" in out else out["idx"].to(device)
+        rec = recall(idx, exact.idx)
+        times[provider] = t[0]
+        cfg = {**asdict(w), f"recall@{w.k}": rec, "db_tokens": db.n_tokens}
+        rows.append(
+            _bench.row(
+                "retrieve_cost_volume",
+                provider,
+                "time_per_image",
+                "s",
+                "workload",
+                size,
+                tuple(v / w.batch for v in t),
+                cfg,
+                device,
+            )
+        )
+        print(
+            f"retrieve {size:<9} {provider:<13} {t[0] / w.batch * 1e3:10.3f} ms/image  recall@{w.k} {rec:.4f}",
+            flush=True,
+        )
+    for base in ("flat_multi", "flat_single", "faiss_ivf"):
+        if base in times:
+            print(f"  hierarchical vs {base}: {times[base] / times['hierarchical']:.1f}x faster")
+    if out_dir is not None:
+        print(f"wrote {len(rows)} rows to {_bench.write_rows(rows, out_dir, device)}")
+    return rows
+
+
+@pytest.fixture(scope="module")
+def bench_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("provider", ["hierarchical", "flat_single", "flat_multi", "faiss_ivf"])
+def test_retrieve(benchmark, bench_size, bench_device, provider):
+    if provider not in providers(bench_device):
+        pytest.skip(f"{provider} cannot run on {bench_device} here")
+    size = "mvtec256" if bench_size.startswith("full") else "small"
+    w = WORKLOADS[size]
+    gate(w, bench_device)
+    fn, _ = setup(w, provider, bench_device)
+
+    def timed():
+        fn()
+        _bench.sync(bench_device)
+
+    benchmark.pedantic(timed, rounds=3, iterations=1, warmup_rounds=1)
+    benchmark.extra_info.update({**asdict(w), "device": _bench.device_name(bench_device)})
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=sorted(WORKLOADS), default="small")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=None, help="query images per call")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args(argv)
+    size = args.size
+    if args.batch is not None:
+        WORKLOADS[size] = Workload(**{**asdict(WORKLOADS[size]), "batch": args.batch})
+    run(size, args.device, args.out, args.rounds)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

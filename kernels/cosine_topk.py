@@ -1,0 +1,430 @@
+"""Flat exact cosine top-K in Triton: fused q . t tiles with a streaming top-K, then a merge.
+
+Letters: M queries, N tokens, D dims, K neighbours, K_PAD = K rounded up to a power of two (>= 16),
+C chunks of the token axis. Semantics: ``raid_fast.ref.similarity.cosine_topk_ref``.
+
+Triton has no argsort, so a candidate is one int64 key, ``(monotone int32 of the similarity) << 32
+| token index``: sorting keys descending sorts by similarity (ascending 1 - cos) and carries the
+index along. An empty slot is ``SENTINEL`` (below every real key) and decodes to ``-1`` / ``+inf``.
+
+Stage 1, ``_cosine_topk_partial_kernel``, grid (cdiv(M, BM), C): each program multiplies a block
+of BM queries with the BN-token tiles of its chunk (fp32, D in BD slices) and keeps a running
+top-K_PAD per query (a bitonic top-K_PAD of the tile, then one bitonic merge with the running
+list; tiles that beat no query's current K-th key skip both), so the [M, N] similarity matrix never
+reaches memory; it writes [BM, K] keys into a [M, C, K] buffer. Stage 2, ``_topk_merge_kernel``,
+grid (cdiv(M, BM),): merges the C partial lists of each query (also the merge of the inverted-list
+search, where it can write the cost volume as well).
+
+Sort networks: ``tl.topk`` / ``tl.bitonic_merge`` when compiled; under the interpreter the same
+networks built from min/max (``NATIVE_SORT`` overrides the choice, for tests and benchmarks).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+# the packing keeps the token index in the low 32 bits
+MAX_TOKENS = 2**31 - 1
+MAX_K = 512
+# d is streamed in slices, so this only bounds compile variants and run time, not registers
+MAX_DIM = 8192
+# an empty slot: below every packed key of a finite similarity
+SENTINEL = tl.constexpr(-(2**63))
+
+
+@triton.jit
+def _pack_keys(b_sim, o_n):
+    # order-preserving int32 of the float bits (negative floats count down), index in the low half
+    b_bits = b_sim.to(tl.int32, bitcast=True)
+    b_key = b_bits ^ ((b_bits >> 31) & 0x7FFFFFFF)
+    return (b_key.to(tl.int64) << 32) | o_n.to(tl.int64)
+
+
+@triton.jit
+def _unpack_keys(b_keys):
+    b_key = (b_keys >> 32).to(tl.int32)
+    b_sim = (b_key ^ ((b_key >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+    m_hit = b_keys != SENTINEL
+    b_dist = tl.where(m_hit, 1.0 - b_sim, float("inf"))
+    b_idx = tl.where(m_hit, b_keys & 0xFFFFFFFF, -1)
+    return b_dist, b_idx
+
+
+@triton.jit
+def _compare_swap(x, S: tl.constexpr, DIR_BIT: tl.constexpr, DESC: tl.constexpr):
+    # one layer of a bitonic network on the last axis of x [BM, N]: each pair (i, i + S) of a
+    # 2S-block is put in ascending order, descending where bit DIR_BIT of i is set (DIR_BIT < 0:
+    # nowhere), and the other way round if DESC. min/max over a size-2 axis rather than tl.sort's
+    # xor_sum, which the interpreter evaluates element by element in python
+    BM: tl.constexpr = x.shape[0]
+    N: tl.constexpr = x.shape[1]
+    A: tl.constexpr = N // (2 * S)
+    h = tl.reshape(x, [BM, A, 2, S])
+    b_min = tl.min(h, axis=2, keep_dims=True)  # [BM, A, 1, S]
+    b_max = tl.max(h, axis=2, keep_dims=True)
+    o_r = tl.arange(0, 2)[None, None, :, None]  # [1, 1, 2, 1]
+    if DIR_BIT >= 0:
+        o_a = ((tl.arange(0, A) * (2 * S)) >> DIR_BIT) & 1  # [A]
+        m_max = o_r ^ o_a[None, :, None, None] ^ DESC
+    else:
+        m_max = o_r ^ DESC
+    return tl.reshape(tl.where(m_max == 1, b_max, b_min), [BM, N])
+
+
+@triton.jit
+def _topk_asc(x, LOG_K: tl.constexpr, LOG_N: tl.constexpr, NATIVE_SORT: tl.constexpr):
+    # the 2**LOG_K largest of each row of x [BM, 2**LOG_N], sorted ascending
+    if NATIVE_SORT:
+        x = tl.flip(tl.topk(x, 1 << LOG_K), 1)
+    else:
+        # bitonic top-k (the algorithm of tl.topk): sort runs of 2**LOG_K in alternating order,
+        # then halve repeatedly, the elementwise max of two neighbour runs being their top half
+        for st in tl.static_range(1, LOG_K + 1):
+            for j in tl.static_range(st):
+                x = _compare_swap(x, 1 << (st - 1 - j), st if st < LOG_N else -1, 0)
+        for i in tl.static_range(LOG_K + 1, LOG_N + 1):
+            h = tl.reshape(x, [x.shape[0], x.shape[1] // (2 << LOG_K), 2, 1 << LOG_K])
+            x = tl.reshape(tl.max(h, axis=2), [x.shape[0], x.shape[1] // 2])
+            for j in tl.static_range(LOG_K):
+                x = _compare_swap(x, 1 << (LOG_K - 1 - j), LOG_K if i < LOG_N else -1, 0)
+    return x
+
+
+@triton.jit
+def _merge_sorted(b_top, b_new, LOG_K: tl.constexpr, NATIVE_SORT: tl.constexpr):
+    # b_top [BM, K_PAD] descending, b_new [BM, K_PAD] ascending: their elementwise max is the top
+    # K_PAD of the union as a bitonic sequence, and one bitonic merge sorts it descending again
+    x = tl.maximum(b_top, b_new)
+    if NATIVE_SORT:
+        x = tl.bitonic_merge(x, 1, True)
+    else:
+        for j in tl.static_range(LOG_K):
+            x = _compare_swap(x, 1 << (LOG_K - 1 - j), -1, 1)
+    return x
+
+
+@triton.jit
+def _merge_tile(b_top, b_keys, LOG_K: tl.constexpr, LOG_N: tl.constexpr, NATIVE_SORT: tl.constexpr):
+    # b_top [BM, K_PAD] sorted descending, b_keys [BM, BN] unsorted with BN >= K_PAD
+    m_better = tl.max(b_keys, axis=1) > tl.min(b_top, axis=1)  # [BM]
+    # a tile that beats no query's current k-th key changes nothing: skip its sort
+    if tl.sum(m_better.to(tl.int32), axis=0) > 0:
+        b_top = _merge_sorted(b_top, _topk_asc(b_keys, LOG_K, LOG_N, NATIVE_SORT), LOG_K, NATIVE_SORT)
+    return b_top
+
+
+@triton.jit
+def _sim_tile(q_ptr, t_ptr, o_q, m_q, o_n, m_n, D, stride_qm, stride_qd, stride_tn, stride_td, BD: tl.constexpr):
+    # q . t of query rows o_q [BM] and token rows o_n [BN] in fp32, d streamed in BD slices
+    o_d = tl.arange(0, BD)
+    b_sim = tl.zeros([o_q.shape[0], o_n.shape[0]], dtype=tl.float32)  # [BM, BN]
+    for d0 in range(0, D, BD):
+        m_d = (d0 + o_d) < D
+        p_q = q_ptr + o_q[:, None] * stride_qm + (d0 + o_d)[None, :] * stride_qd
+        p_t = t_ptr + o_n[None, :] * stride_tn + (d0 + o_d)[:, None] * stride_td
+        b_q = tl.load(p_q, mask=m_q[:, None] & m_d[None, :], other=0.0)  # [BM, BD]
+        b_t = tl.load(p_t, mask=m_d[:, None] & m_n[None, :], other=0.0)  # [BD, BN]
+        b_sim += tl.dot(b_q, b_t, input_precision="ieee")
+    return b_sim
+
+
+@triton.jit
+def _cosine_topk_partial_kernel(
+    q_ptr,
+    t_ptr,
+    lo_ptr,
+    hi_ptr,
+    grp_ptr,
+    excl_ptr,
+    part_ptr,
+    M,
+    N,
+    D,
+    K,
+    chunk_n,
+    n_chunks,
+    stride_qm,
+    stride_qd,
+    stride_tn,
+    stride_td,
+    HAS_RANGE: tl.constexpr,
+    HAS_GROUP: tl.constexpr,
+    BM: tl.constexpr,
+    BD: tl.constexpr,
+    LOG_K: tl.constexpr,
+    LOG_BN: tl.constexpr,
+    NATIVE_SORT: tl.constexpr,
+):
+    # part[m, c, :K] = the K best packed keys of query m over tokens of chunk c, descending
+    K_PAD: tl.constexpr = 1 << LOG_K
+    BN: tl.constexpr = 1 << LOG_BN
+    i_m = tl.program_id(0).to(tl.int64)
+    i_c = tl.program_id(1).to(tl.int64)
+    o_m = i_m * BM + tl.arange(0, BM)  # [BM]
+    m_m = o_m < M
+    n_start = i_c * chunk_n
+    n_end = tl.minimum(n_start + chunk_n, N)
+    if HAS_RANGE:
+        b_lo = tl.load(lo_ptr + o_m, mask=m_m, other=N)  # [BM]
+        b_hi = tl.load(hi_ptr + o_m, mask=m_m, other=0)
+        # tiles outside every query's range of this block are never computed
+        n_start = tl.maximum(n_start, tl.min(b_lo, axis=0))
+        n_end = tl.minimum(n_end, tl.max(b_hi, axis=0))
+    if HAS_GROUP:
+        b_excl = tl.load(excl_ptr + o_m, mask=m_m, other=-1)  # [BM]
+
+    b_top = tl.full([BM, K_PAD], SENTINEL, tl.int64)
+    for n0 in range(n_start, n_end, BN):
+        o_n = n0 + tl.arange(0, BN)  # [BN]
+        m_n = o_n < n_end
+        b_sim = _sim_tile(q_ptr, t_ptr, o_m, m_m, o_n, m_n, D, stride_qm, stride_qd, stride_tn, stride_td, BD)
+        m_ok = m_m[:, None] & m_n[None, :]  # [BM, BN]
+        if HAS_RANGE:
+            m_ok = m_ok & (o_n[None, :] >= b_lo[:, None]) & (o_n[None, :] < b_hi[:, None])
+        if HAS_GROUP:
+            b_grp = tl.load(grp_ptr + o_n, mask=m_n, other=-1)  # [BN]
+            m_ok = m_ok & (b_grp[None, :] != b_excl[:, None])
+        b_keys = tl.where(m_ok, _pack_keys(b_sim, o_n[None, :]), SENTINEL)
+        b_top = _merge_tile(b_top, b_keys, LOG_K, LOG_BN, NATIVE_SORT)
+
+    # only the first K of the sorted list can reach the final top-K
+    o_k = tl.arange(0, K_PAD)
+    p_part = part_ptr + (o_m * n_chunks + i_c)[:, None] * K + o_k[None, :]
+    tl.store(p_part, b_top, mask=m_m[:, None] & (o_k < K)[None, :])
+
+
+@triton.jit
+def _topk_merge_kernel(
+    part_ptr,
+    probe_ptr,
+    dist_ptr,
+    idx_ptr,
+    vol_ptr,
+    M,
+    C,
+    K,
+    n_pos,
+    pad_cost,
+    stride_pm,
+    stride_pc,
+    HAS_PROBES: tl.constexpr,
+    WRITE_VOLUME: tl.constexpr,
+    BM: tl.constexpr,
+    LOG_K: tl.constexpr,
+    NATIVE_SORT: tl.constexpr,
+):
+    # part [M, C, K] descending keys -> dist, idx [M, K]; with probes, slot c is read only where
+    # probes[m, c] >= 0; with WRITE_VOLUME also volume [B, K, n_pos] for query m = b * n_pos + l
+    K_PAD: tl.constexpr = 1 << LOG_K
+    i_m = tl.program_id(0).to(tl.int64)
+    o_m = i_m * BM + tl.arange(0, BM)  # [BM]
+    m_m = o_m < M
+    o_k = tl.arange(0, K_PAD)
+    m_k = o_k < K
+    # reading each stored list back to front gives it ascending, sentinels first, as the merge wants
+    o_rev = K_PAD - 1 - o_k
+    b_top = tl.full([BM, K_PAD], SENTINEL, tl.int64)
+    for c in range(0, C):
+        m_row = m_m
+        if HAS_PROBES:
+            b_probe = tl.load(probe_ptr + o_m * stride_pm + c * stride_pc, mask=m_m, other=-1)  # [BM]
+            m_row = m_row & (b_probe >= 0)
+        p_part = part_ptr + (o_m * C + c)[:, None] * K + o_rev[None, :]
+        b_part = tl.load(p_part, mask=m_row[:, None] & (o_rev < K)[None, :], other=SENTINEL)  # [BM, K_PAD]
+        b_top = _merge_sorted(b_top, b_part, LOG_K, NATIVE_SORT)
+    b_dist, b_idx = _unpack_keys(b_top)  # [BM, K_PAD]
+    m_out = m_m[:, None] & m_k[None, :]
+    tl.store(dist_ptr + o_m[:, None] * K + o_k[None, :], b_dist, mask=m_out)
+    tl.store(idx_ptr + o_m[:, None] * K + o_k[None, :], b_idx, mask=m_out)
+    if WRITE_VOLUME:
+        o_b = o_m // n_pos
+        o_l = o_m % n_pos
+        p_vol = vol_ptr + (o_b * K * n_pos + o_l)[:, None] + o_k[None, :] * n_pos
+        tl.store(p_vol, tl.where(b_idx < 0, pad_cost, b_dist), mask=m_out)
+
+
+# None: native tl.topk / tl.bitonic_merge when compiled, the min/max network when interpreted
+NATIVE_SORT: Optional[bool] = None
+
+
+def _native_sort() -> bool:
+    # compiled kernels use tl.topk / tl.bitonic_merge; the interpreter runs their xor_sum reductions
+    # one element at a time in python, so there the same network is built from min/max instead
+    if NATIVE_SORT is not None:
+        return NATIVE_SORT
+    return os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+
+
+class TopkConfig(NamedTuple):
+    """Launch shape for a top-K of ``k``: K_PAD = 2**log_k, BM query rows, BN = 2**log_bn token rows."""
+
+    log_k: int
+    block_m: int
+    log_bn: int
+    num_warps: int
+    num_stages: int
+    native_sort: bool
+
+
+def topk_config(k: int) -> TopkConfig:
+    # tl.topk and tl.arange need powers of two and tl.dot extents >= 16
+    kp = max(16, triton.next_power_of_2(k))
+    # fewer query rows for a long K, so the [BM, K_PAD] running lists stay in registers
+    bm = 32 if kp <= 128 else 16
+    bn = max(64, kp)
+    # chosen from ptxas resource usage for sm_90 (registers, spills, shared memory), not from timings
+    warps = 4 if kp <= 64 else (8 if kp <= 256 else 16)
+    stages = 3 if kp <= 64 else 2
+    return TopkConfig(kp.bit_length() - 1, bm, bn.bit_length() - 1, warps, stages, _native_sort())
+
+
+def block_d(d: int) -> int:
+    """Slice of D per tl.dot: every tl.dot extent must be >= 16; 32 keeps the fp32 operands small."""
+    return min(32, max(16, triton.next_power_of_2(d)))
+
+
+def _num_chunks(m_blocks: int, n_tiles: int, device: torch.device) -> int:
+    # enough programs to fill the gpu a few times over; the interpreter runs programs one by one,
+    # so there a few chunks (to exercise the merge) are enough
+    if device.type == "cuda":
+        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = 4
+    return max(1, min(n_tiles, triton.cdiv(target, m_blocks)))
+
+
+def missing(m: int, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """dist [m, k] of +inf and idx [m, k] of -1: the answer when there is nothing to search."""
+    dist = torch.full((m, k), float("inf"), dtype=torch.float32, device=device)
+    idx = torch.full((m, k), -1, dtype=torch.int64, device=device)
+    return dist, idx
+
+
+def merge_partials(
+    part: torch.Tensor,
+    k: int,
+    probes: Optional[torch.Tensor] = None,
+    volume_shape: Optional[tuple[int, int]] = None,
+    pad_cost: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Merges ``part`` [M, C, K] descending keys into (dist [M, K], idx [M, K], volume or None).
+
+    ``probes`` [M, C] masks slots (< 0: not searched, never read). ``volume_shape = (B, L)`` with
+    M = B * L also writes the cost volume [B, K, L] (+inf -> ``pad_cost``).
+    """
+    m, c, _ = part.shape
+    dev = part.device
+    cfg = topk_config(k)
+    dist = torch.empty((m, k), dtype=torch.float32, device=dev)
+    idx = torch.empty((m, k), dtype=torch.int64, device=dev)
+    vol = None
+    n_pos = 1
+    if volume_shape is not None:
+        b, n_pos = volume_shape
+        vol = torch.empty((b, k, n_pos), dtype=torch.float32, device=dev)
+    if m == 0:
+        return dist, idx, vol
+    stride_pm, stride_pc = probes.stride() if probes is not None else (0, 0)
+    _topk_merge_kernel[(triton.cdiv(m, cfg.block_m),)](
+        part,
+        probes if probes is not None else part,
+        dist,
+        idx,
+        vol if vol is not None else dist,
+        m,
+        c,
+        k,
+        n_pos,
+        float(pad_cost),
+        stride_pm,
+        stride_pc,
+        HAS_PROBES=probes is not None,
+        WRITE_VOLUME=vol is not None,
+        BM=cfg.block_m,
+        LOG_K=cfg.log_k,
+        NATIVE_SORT=cfg.native_sort,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    return dist, idx, vol
+
+
+def cosine_topk_triton(
+    queries: torch.Tensor,
+    tokens: torch.Tensor,
+    k: int,
+    lo: Optional[torch.Tensor] = None,
+    hi: Optional[torch.Tensor] = None,
+    token_group: Optional[torch.Tensor] = None,
+    exclude_group: Optional[torch.Tensor] = None,
+    *,
+    n_chunks: Optional[int] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-K by 1 - cos of ``queries`` [M, D] over ``tokens`` [N, D] (fp32, any strides).
+
+    Same arguments and results as ``cosine_topk_ref``; ``n_chunks`` overrides the split of the token
+    axis (tests). Returns dist [M, K] float32 ascending (+inf missing), idx [M, K] int64 (-1 missing).
+    """
+    m, d = queries.shape
+    n = tokens.shape[0]
+    dev = queries.device
+    if n > MAX_TOKENS:
+        msg = f"cosine_topk_triton packs token ids into 32 bits: N must be <= {MAX_TOKENS}, got {n}"
+        raise RuntimeError(msg)
+    if m == 0 or n == 0:
+        return missing(m, k, dev)
+    has_range = lo is not None or hi is not None
+    if has_range:
+        lo = torch.zeros(m, dtype=torch.int64, device=dev) if lo is None else lo.contiguous()
+        hi = torch.full((m,), n, dtype=torch.int64, device=dev) if hi is None else hi.contiguous()
+    has_group = exclude_group is not None
+    if has_group:
+        token_group = token_group.contiguous()
+        exclude_group = exclude_group.contiguous()
+
+    cfg = topk_config(k)
+    bn = 1 << cfg.log_bn
+    m_blocks = triton.cdiv(m, cfg.block_m)
+    n_tiles = triton.cdiv(n, bn)
+    chunks = n_chunks if n_chunks is not None else _num_chunks(m_blocks, n_tiles, dev)
+    # grid axis 1 is limited to 65535 programs
+    chunks = max(1, min(chunks, n_tiles, 65535))
+    chunk_n = triton.cdiv(n_tiles, chunks) * bn
+    chunks = triton.cdiv(n, chunk_n)
+
+    part = torch.empty((m, chunks, k), dtype=torch.int64, device=dev)  # [M, C, K] packed keys
+    _cosine_topk_partial_kernel[(m_blocks, chunks)](
+        queries,
+        tokens,
+        lo if has_range else queries,
+        hi if has_range else queries,
+        token_group if has_group else queries,
+        exclude_group if has_group else queries,
+        part,
+        m,
+        n,
+        d,
+        k,
+        chunk_n,
+        chunks,
+        queries.stride(0),
+        queries.stride(1),
+        tokens.stride(0),
+        tokens.stride(1),
+        HAS_RANGE=has_range,
+        HAS_GROUP=has_group,
+        BM=cfg.block_m,
+        BD=block_d(d),
+        LOG_K=cfg.log_k,
+        LOG_BN=cfg.log_bn,
+        NATIVE_SORT=cfg.native_sort,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    dist, idx, _ = merge_partials(part, k)
+    return dist, idx

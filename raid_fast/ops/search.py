@@ -1,0 +1,106 @@
+"""Search ops behind the dispatcher: exact cosine top-K, inverted-list top-K, cost volume.
+
+Letters: M queries, N tokens, D dims, K neighbours, P probed lists, B images, L = H * W.
+Conventions (package-wide): results are ``(dist, idx)``, float32 / int64, sorted ascending by
+1 - cos; missing neighbours are ``idx = -1``, ``dist = +inf`` and become ``pad_cost`` in a cost
+volume. Backends: ``torch`` (``raid_fast.ref``) here; fast backends register themselves from
+``raid_fast.kernels``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from raid_fast import _checks, _dispatch
+from raid_fast.ref.cost_volume import cost_volume_ref
+from raid_fast.ref.ivf_search import ivf_topk_ref
+from raid_fast.ref.similarity import cosine_topk_ref
+
+_dispatch.register("cosine_topk", "torch", cosine_topk_ref, priority=100)
+_dispatch.register("ivf_topk", "torch", ivf_topk_ref, priority=100)
+_dispatch.register("cost_volume", "torch", cost_volume_ref, priority=100)
+
+
+def _load_kernels() -> None:
+    # registers the triton backends (if triton imports); a no-op after the first call
+    try:
+        import raid_fast.kernels  # noqa: F401
+    except ImportError:
+        pass
+
+
+def _check_pair(queries: torch.Tensor, tokens: torch.Tensor, k: int) -> None:
+    _checks.check_ndim("queries", queries, (2,), "[M, D]")
+    _checks.check_ndim("tokens", tokens, (2,), "[N, D]")
+    if queries.shape[1] != tokens.shape[1]:
+        msg = f"queries must have D={tokens.shape[1]} like tokens, got shape {tuple(queries.shape)}"
+        raise ValueError(msg)
+    _checks.check_dtype("queries", queries, (torch.float32,))
+    _checks.check_dtype("tokens", tokens, (torch.float32,))
+    _checks.check_same_device(queries=queries, tokens=tokens)
+    _checks.check_int("k", k, minimum=1)
+
+
+def cosine_topk(
+    queries: torch.Tensor,
+    tokens: torch.Tensor,
+    k: int,
+    lo: Optional[torch.Tensor] = None,
+    hi: Optional[torch.Tensor] = None,
+    token_group: Optional[torch.Tensor] = None,
+    exclude_group: Optional[torch.Tensor] = None,
+    *,
+    backend: Optional[str] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-K by 1 - cos of unit-norm ``queries`` [M, D] over ``tokens`` [N, D].
+
+    ``lo``/``hi`` [M] restrict query m to tokens lo[m] <= n < hi[m]; ``token_group`` [N] and
+    ``exclude_group`` [M] hide tokens whose group equals the query's (-1 hides none). See
+    ``raid_fast.ref.similarity.cosine_topk_ref`` for the exact definition.
+    """
+    _check_pair(queries, tokens, k)
+    _load_kernels()
+    return _dispatch.call("cosine_topk", queries, tokens, k, lo, hi, token_group, exclude_group, backend=backend)
+
+
+def ivf_topk(
+    queries: torch.Tensor,
+    probes: torch.Tensor,
+    list_offsets: torch.Tensor,
+    tokens: torch.Tensor,
+    k: int,
+    token_group: Optional[torch.Tensor] = None,
+    exclude_group: Optional[torch.Tensor] = None,
+    *,
+    backend: Optional[str] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-K by 1 - cos over the union of each query's probed lists (CSR ``list_offsets``).
+
+    ``probes`` [M, P] holds distinct list ids per row, -1 for unused slots. See
+    ``raid_fast.ref.ivf_search.ivf_topk_ref`` for the exact definition.
+    """
+    _check_pair(queries, tokens, k)
+    _checks.check_ndim("probes", probes, (2,), "[M, P]")
+    if probes.shape[0] != queries.shape[0]:
+        msg = f"probes must have one row per query ({queries.shape[0]}), got shape {tuple(probes.shape)}"
+        raise ValueError(msg)
+    _load_kernels()
+    return _dispatch.call(
+        "ivf_topk", queries, probes, list_offsets, tokens, k, token_group, exclude_group, backend=backend
+    )
+
+
+def cost_volume(
+    dist: torch.Tensor, h: int, w: int, pad_cost: float = 1.0, *, backend: Optional[str] = None
+) -> torch.Tensor:
+    """[B, L, K] distances -> [B, K, H, W] cost volume (L = H * W); +inf becomes ``pad_cost``."""
+    _checks.check_ndim("dist", dist, (3,), "[B, L, K]")
+    h = _checks.check_int("h", h, minimum=1)
+    w = _checks.check_int("w", w, minimum=1)
+    if dist.shape[1] != h * w:
+        msg = f"h * w must equal the number of query tokens L={dist.shape[1]}, got h={h}, w={w}"
+        raise ValueError(msg)
+    _load_kernels()
+    return _dispatch.call("cost_volume", dist, h, w, float(pad_cost), backend=backend)

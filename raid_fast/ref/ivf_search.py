@@ -1,0 +1,68 @@
+"""Inverted-list (IVF) top-K reference: the oracle of the hierarchical instance search.
+
+Letters: M queries, P probed lists per query, N tokens, D dims, K neighbours.
+Tokens are stored grouped by list (CSR): list l owns tokens list_offsets[l] .. list_offsets[l+1]-1.
+Each query searches the union of its P probed lists and keeps one global top-K by 1 - cos
+(no per-list quota), sorted ascending; missing slots are ``idx = -1``, ``dist = +inf``.
+Written cluster by cluster: the queries that probe a list are scanned against it together.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def ivf_topk_ref(
+    queries: torch.Tensor,
+    probes: torch.Tensor,
+    list_offsets: torch.Tensor,
+    tokens: torch.Tensor,
+    k: int,
+    token_group: Optional[torch.Tensor] = None,
+    exclude_group: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-K tokens over the union of each query's probed lists.
+
+    Args:
+        queries: [M, D] float32 unit-norm.
+        probes: [M, P] int64 list ids, distinct per row; -1 marks an unused slot.
+        list_offsets: [L + 1] int64 CSR offsets of the lists into ``tokens``.
+        tokens: [N, D] float32 unit-norm, grouped by list.
+        k: neighbours per query.
+        token_group, exclude_group: optional [N] / [M] int64: query m never sees tokens with
+            token_group[n] == exclude_group[m] (-1 excludes none).
+
+    Returns:
+        dist [M, K] float32 ascending 1 - cos, idx [M, K] int64 global token ids.
+    """
+    m, p = probes.shape
+    dev = queries.device
+    if p == 0:
+        return (
+            torch.full((m, k), float("inf"), dtype=torch.float32, device=dev),
+            torch.full((m, k), -1, dtype=torch.int64, device=dev),
+        )
+    part_dist = torch.full((m, p, k), float("inf"), dtype=torch.float32, device=dev)  # [M, P, K]
+    part_idx = torch.full((m, p, k), -1, dtype=torch.int64, device=dev)
+    offsets = list_offsets.tolist()
+    for lst in torch.unique(probes[probes >= 0]).tolist():
+        lo, hi = offsets[lst], offsets[lst + 1]
+        if hi == lo:
+            continue
+        qm, slot = torch.nonzero(probes == lst, as_tuple=True)  # the queries probing this list
+        dist = 1.0 - queries[qm].float() @ tokens[lo:hi].float().T  # [Mq, n_list]
+        ids = torch.arange(lo, hi, device=dev).expand_as(dist)
+        if exclude_group is not None:
+            banned = token_group[lo:hi][None, :] == exclude_group[qm][:, None]
+            dist = dist.masked_fill(banned, float("inf"))
+            ids = torch.where(banned, -1, ids)
+        take = min(k, hi - lo)
+        top, pos = torch.topk(dist, take, dim=1, largest=False)
+        part_dist[qm, slot, :take] = top
+        part_idx[qm, slot, :take] = ids.gather(1, pos)
+    dist, pos = torch.topk(part_dist.view(m, p * k), k, dim=1, largest=False)
+    idx = part_idx.view(m, p * k).gather(1, pos)
+    idx = torch.where(torch.isinf(dist), -1, idx)
+    return dist, idx

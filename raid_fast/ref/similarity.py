@@ -1,0 +1,77 @@
+"""Exact cosine top-K reference (the "flat" search): the oracle of every flat search backend.
+
+Letters: M queries, N database tokens, D dims, K neighbours.
+Queries and tokens are unit-norm, so the distance 1 - cos(q, t) = 1 - q . t, computed with float32
+matmuls. Results are sorted ascending by distance (the order inside a group of equal distances is
+unspecified); a query with fewer than K admissible tokens gets
+``idx = -1`` and ``dist = +inf`` in the missing slots. Blockwise over the database, so memory
+stays at [M, block + K] whatever N is (faiss's knn_ground_truth pattern).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+# database rows per block: bounds the [M, block] similarity block
+BLOCK = 16384
+
+
+def merge_topk(
+    dist: torch.Tensor, idx: torch.Tensor, new_dist: torch.Tensor, new_idx: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The K smallest of two candidate sets [M, K1] and [M, K2], sorted ascending by distance."""
+    all_dist = torch.cat([dist, new_dist], dim=1)  # [M, K1 + K2]
+    all_idx = torch.cat([idx, new_idx], dim=1)
+    top, pos = torch.topk(all_dist, k, dim=1, largest=False, sorted=True)
+    return top, all_idx.gather(1, pos)
+
+
+def cosine_topk_ref(
+    queries: torch.Tensor,
+    tokens: torch.Tensor,
+    k: int,
+    lo: Optional[torch.Tensor] = None,
+    hi: Optional[torch.Tensor] = None,
+    token_group: Optional[torch.Tensor] = None,
+    exclude_group: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-K nearest tokens by 1 - cos for each query.
+
+    Args:
+        queries: [M, D] float32 unit-norm queries.
+        tokens: [N, D] float32 unit-norm database tokens.
+        k: neighbours per query (>= 1).
+        lo, hi: optional [M] int64: query m only sees tokens lo[m] <= n < hi[m] (one class of a
+            class-grouped database); default the whole database.
+        token_group, exclude_group: optional [N] and [M] int64: query m never sees tokens with
+            token_group[n] == exclude_group[m] (leave-one-out by template image; -1 excludes none).
+
+    Returns:
+        dist [M, K] float32 ascending 1 - cos (+inf when missing), idx [M, K] int64 (-1 when missing).
+    """
+    m, n = queries.shape[0], tokens.shape[0]
+    dev = queries.device
+    best_dist = torch.full((m, k), float("inf"), dtype=torch.float32, device=dev)
+    best_idx = torch.full((m, k), -1, dtype=torch.int64, device=dev)
+    if m == 0 or n == 0:
+        return best_dist, best_idx
+    for start in range(0, n, BLOCK):
+        stop = min(n, start + BLOCK)
+        sim = queries.float() @ tokens[start:stop].float().T  # [M, block]
+        dist = 1.0 - sim
+        ids = torch.arange(start, stop, device=dev)  # [block]
+        admissible = torch.ones_like(dist, dtype=torch.bool)
+        if lo is not None:
+            admissible &= (ids[None, :] >= lo[:, None]) & (ids[None, :] < hi[:, None])
+        if exclude_group is not None:
+            admissible &= token_group[start:stop][None, :] != exclude_group[:, None]
+        dist = dist.masked_fill(~admissible, float("inf"))
+        cand_idx = torch.where(admissible, ids[None, :].expand_as(dist), -1)
+        take = min(k, stop - start)
+        top_dist, pos = torch.topk(dist, take, dim=1, largest=False)  # [M, take]
+        best_dist, best_idx = merge_topk(best_dist, best_idx, top_dist, cand_idx.gather(1, pos), k)
+    missing = best_idx < 0
+    best_dist = best_dist.masked_fill(missing, float("inf"))
+    return best_dist, best_idx

@@ -1,0 +1,216 @@
+"""``retrieve()``: coarse-to-fine (hierarchical) or exact (flat) retrieval of template tokens.
+
+Letters: B images, L = H * W query tokens per image, D dims, K neighbours, P probed prototypes
+(``nprobe``), C classes, S prototype slots per class.
+
+Hierarchical (paper section 3.3): class by cosine of the query CLS token to the class prototypes
+-> per token, the top-P semantic prototypes of that class (the top-1 is returned as guidance)
+-> per token, one global top-K over the union of the P probed instance lists.
+Flat: one exact top-K over every token of the database, or over one class's tokens when
+``class_ids`` are given (the accuracy oracle and the "Flat" rows of the paper's Table 4).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from raid_fast import _checks, ops
+from raid_fast.database import TokenDatabase
+
+MODES = ("hierarchical", "flat")
+
+
+@dataclass
+class Retrieval:
+    """Result of ``retrieve``.
+
+    Attributes:
+        dist: [B, L, K] float32 ascending 1 - cos; +inf where fewer than K candidates exist.
+        idx: [B, L, K] int64 global token ids into ``db.tokens``; -1 where missing.
+        proto: [B, L, D] float32 top-1 semantic prototype of each token (guidance g_s).
+        proto_idx: [B, L] int64 its global id c * S + j into the database's lists.
+        class_ids: [B] int64 routed (or given) class of each image.
+        grid: (H, W) of the query tokens when known (from [B, D, H, W] input), else None.
+    """
+
+    dist: torch.Tensor
+    idx: torch.Tensor
+    proto: torch.Tensor
+    proto_idx: torch.Tensor
+    class_ids: torch.Tensor
+    grid: Optional[tuple[int, int]] = None
+
+    def cost_volume(self, h: Optional[int] = None, w: Optional[int] = None, pad_cost: float = 1.0) -> torch.Tensor:
+        """[B, K, H, W] matching cost volume; channel 0 is the 1-NN cost. ``h, w`` default to the
+        query grid; missing neighbours cost ``pad_cost``."""
+        if h is None or w is None:
+            if self.grid is None:
+                msg = "cost_volume needs h and w: the queries were given as [B, L, D]"
+                raise ValueError(msg)
+            h, w = self.grid
+        return ops.cost_volume(self.dist, h, w, pad_cost)
+
+
+def _queries(query_tokens, db: TokenDatabase) -> tuple[torch.Tensor, Optional[tuple[int, int]]]:
+    q = _checks.as_tensor("query_tokens", query_tokens)
+    _checks.check_floating("query_tokens", q)
+    _checks.check_ndim("query_tokens", q, (3, 4), f"[B, L, {db.dim}] or [B, {db.dim}, H, W]")
+    grid = None
+    if q.dim() == 4:
+        if q.shape[1] != db.dim:
+            msg = f"query_tokens [B, D, H, W] must have D={db.dim} like the database, got shape {tuple(q.shape)}"
+            raise ValueError(msg)
+        grid = (q.shape[2], q.shape[3])
+        q = q.flatten(2).transpose(1, 2)
+    elif q.shape[2] != db.dim:
+        msg = f"query_tokens [B, L, D] must have D={db.dim} like the database, got shape {tuple(q.shape)}"
+        raise ValueError(msg)
+    _checks.check_same_device(query_tokens=q, database=db.tokens)
+    _checks.check_finite("query_tokens", q)
+    return F.normalize(q.float(), dim=-1), grid
+
+
+def _class_ids(class_ids, query_cls, db: TokenDatabase, b: int) -> Optional[torch.Tensor]:
+    if class_ids is not None:
+        ids = _checks.as_tensor("class_ids", class_ids)
+        if ids.dim() == 0:
+            ids = ids.expand(b)
+        _checks.check_ndim("class_ids", ids, (1,), f"[{b}]")
+        if ids.shape[0] != b or ids.is_floating_point():
+            msg = f"class_ids must be [{b}] integers (one per image), got {tuple(ids.shape)} {ids.dtype}"
+            raise ValueError(msg)
+        ids = ids.to(device=db.device, dtype=torch.int64)
+        if b and (int(ids.min()) < 0 or int(ids.max()) >= db.n_classes):
+            msg = f"class_ids must be in [0, {db.n_classes}), got {ids.tolist()[:8]}"
+            raise ValueError(msg)
+        return ids
+    if query_cls is not None:
+        qc = _checks.as_tensor("query_cls", query_cls)
+        if qc.dim() == 2 and qc.shape[0] != b:
+            msg = f"query_cls must be [{b}, {db.dim}] (one per image), got {tuple(qc.shape)}"
+            raise ValueError(msg)
+        return db.classify(qc)
+    if db.n_classes == 1:
+        return torch.zeros(b, dtype=torch.int64, device=db.device)
+    return None
+
+
+def _exclude(exclude_images, b: int, n_pos: int, dev) -> Optional[torch.Tensor]:
+    if exclude_images is None:
+        return None
+    ex = _checks.as_tensor("exclude_images", exclude_images)
+    if ex.dim() != 1 or ex.shape[0] != b or ex.is_floating_point():
+        msg = f"exclude_images must be [{b}] integer template image ids (-1 for none), got {tuple(ex.shape)} {ex.dtype}"
+        raise ValueError(msg)
+    return ex.to(device=dev, dtype=torch.int64).repeat_interleave(n_pos)  # [B * L]
+
+
+def _top_prototypes(q: torch.Tensor, db: TokenDatabase, class_ids: torch.Tensor, p: int):
+    """Top-P prototypes of each token's class: probes [B, L, P] global ids (-1 unused), values."""
+    sem = db.semantic_prototypes[class_ids]  # [B, S, D]
+    sims = torch.einsum("bld,bsd->bls", q, sem)  # [B, L, S]
+    n_sem = db.n_semantic.to(db.device)[class_ids]  # [B]
+    valid = torch.arange(db.s_max, device=db.device)[None, :] < n_sem[:, None]  # [B, S]
+    sims = sims.masked_fill(~valid[:, None, :], float("-inf"))
+    top, j = torch.topk(sims, p, dim=-1)  # [B, L, P]
+    probes = torch.where(torch.isinf(top), -1, class_ids[:, None, None] * db.s_max + j)
+    proto = torch.gather(sem, 1, j[..., 0].unsqueeze(-1).expand(-1, -1, db.dim))  # [B, L, D]
+    return probes, proto
+
+
+def retrieve(
+    query_tokens,
+    db: TokenDatabase,
+    query_cls=None,
+    class_ids=None,
+    k: int = 150,
+    nprobe: int = 5,
+    mode: str = "hierarchical",
+    exclude_images=None,
+    backend: Optional[str] = None,
+) -> Retrieval:
+    """Retrieves the K nearest template tokens of every query token.
+
+    Args:
+        query_tokens: [B, L, D] or [B, D, H, W] query patch tokens (tensor or numpy; normalised here).
+        db: the ``TokenDatabase``, on the queries' device.
+        query_cls: [B, D] query CLS tokens, to route each image to a class.
+        class_ids: [B] (or a scalar) class per image, instead of routing. Flat mode with class_ids
+            searches that class only (single-class flat); without, the whole database.
+        k: neighbours per token (>= 1). Fewer candidates than K give idx -1 / dist +inf.
+        nprobe: P, semantic prototypes probed per token (1 <= P <= S), hierarchical mode.
+        mode: ``"hierarchical"`` or ``"flat"``.
+        exclude_images: [B] template image ids whose tokens image b must not retrieve (-1: none),
+            e.g. a training query's own image.
+        backend: ``None`` (auto) or a backend name for the search ops.
+
+    Returns:
+        A ``Retrieval`` (dist, idx [B, L, K]; proto [B, L, D]; proto_idx [B, L]; class_ids [B]).
+
+    Example:
+        >>> res = raid_fast.retrieve(tokens, db, query_cls=cls, k=150, nprobe=5)
+        >>> cost = res.cost_volume(32, 32)          # [B, 150, 32, 32]
+    """
+    _checks.check_choice("mode", mode, MODES)
+    if not isinstance(db, TokenDatabase):
+        msg = f"db must be a raid_fast.TokenDatabase, got {type(db).__name__}"
+        raise TypeError(msg)
+    if db.n_tokens == 0:
+        msg = "db is empty: build it from template tokens first"
+        raise ValueError(msg)
+    k = _checks.check_int("k", k, minimum=1)
+    nprobe = _checks.check_int("nprobe", nprobe, minimum=1, maximum=db.s_max if mode == "hierarchical" else None)
+    q, grid = _queries(query_tokens, db)
+    b, n_pos, dim = q.shape
+    ids = _class_ids(class_ids, query_cls, db, b)
+    flat_q = q.reshape(b * n_pos, dim)  # [M, D]
+    exclude = _exclude(exclude_images, b, n_pos, db.device)
+    group = db.token_image if exclude is not None else None
+
+    if mode == "hierarchical":
+        if ids is None:
+            msg = f"hierarchical retrieval over {db.n_classes} classes needs query_cls or class_ids"
+            raise ValueError(msg)
+        probes, proto = _top_prototypes(q, db, ids, nprobe)
+        dist, idx = ops.ivf_topk(
+            flat_q,
+            probes.reshape(b * n_pos, probes.shape[-1]),
+            db.list_offsets,
+            db.tokens,
+            k,
+            group,
+            exclude,
+            backend=backend,
+        )
+        proto_idx = probes[..., 0]
+    else:
+        lo = hi = None
+        if class_ids is not None:
+            bounds = db.class_offsets
+            lo = bounds[ids].repeat_interleave(n_pos)
+            hi = bounds[ids + 1].repeat_interleave(n_pos)
+        dist, idx = ops.cosine_topk(flat_q, db.tokens, k, lo, hi, group, exclude, backend=backend)
+        if ids is None:
+            # no class given: each image takes the class that most of its 1-NN tokens belong to
+            nn_class = torch.searchsorted(db.class_offsets, idx[:, 0].clamp_min(0), right=True) - 1
+            ids = (
+                torch.mode(nn_class.view(b, n_pos), dim=1).values
+                if n_pos
+                else torch.zeros(b, dtype=torch.int64, device=db.device)
+            )
+        probes, proto = _top_prototypes(q, db, ids, 1)
+        proto_idx = probes[..., 0]
+    if b == 0:
+        ids = torch.zeros(0, dtype=torch.int64, device=db.device)
+    return Retrieval(
+        dist=dist.view(b, n_pos, k),
+        idx=idx.view(b, n_pos, k),
+        proto=proto,
+        proto_idx=proto_idx,
+        class_ids=ids,
+        grid=grid,
+    )

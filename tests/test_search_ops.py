@@ -1,0 +1,342 @@
+"""Triton backends of the search ops (cosine_topk, ivf_topk, cost_volume) against raid_fast.ref.
+
+On CPU this runs under the Triton interpreter, which must be switched on before triton is imported:
+``TRITON_INTERPRET=1 python -m pytest -m triton tests/test_search_ops.py`` (small shapes: the
+interpreter is slow). On a GPU machine without TRITON_INTERPRET the kernels run compiled, on CUDA
+tensors, with both sort networks (tl.topk / tl.bitonic_merge and the min/max one).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import raid_fast
+from raid_fast import _dispatch, ops
+from raid_fast.ref.cost_volume import cost_volume_ref
+from raid_fast.ref.ivf_search import ivf_topk_ref
+from raid_fast.ref.similarity import cosine_topk_ref
+
+from .utils import assert_close_verbose
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+if not INTERPRET and not torch.cuda.is_available():
+    pytest.skip(
+        "triton kernels need a CUDA GPU, or TRITON_INTERPRET=1 set before triton is imported "
+        "(TRITON_INTERPRET=1 python -m pytest -m triton tests/test_search_ops.py)",
+        allow_module_level=True,
+    )
+kernels = pytest.importorskip("raid_fast.kernels")
+if not kernels.HAS_TRITON or kernels.KERNEL_IMPORT_ERROR is not None:
+    pytest.skip(f"triton kernels unavailable: {kernels._available()}", allow_module_level=True)
+
+from raid_fast.kernels import cosine_topk as cosine_topk_module  # noqa: E402
+from raid_fast.kernels.cosine_topk import cosine_topk_triton  # noqa: E402
+from raid_fast.kernels.ivf_topk import ivf_topk_cost_volume_triton  # noqa: E402
+
+pytestmark = pytest.mark.triton
+
+DEVICE = "cpu" if INTERPRET else "cuda"
+# distances are 1 - q.t in fp32 on both sides; only the summation order differs
+ATOL = 1e-5
+
+
+@pytest.fixture(autouse=True, params=["network"] if INTERPRET else ["native", "network"])
+def sort_impl(request, monkeypatch):
+    """Compiled kernels run with tl.topk / tl.bitonic_merge and with the min/max network; the
+    interpreter only with the network (tl.sort's xor_sum runs element by element there)."""
+    monkeypatch.setattr(cosine_topk_module, "NATIVE_SORT", request.param == "native")
+    return request.param
+
+
+def unit(*shape: int) -> torch.Tensor:
+    return F.normalize(torch.randn(*shape, device=DEVICE), dim=-1)
+
+
+def strided(x: torch.Tensor) -> torch.Tensor:
+    """The same values as x [R, C] in a non-contiguous view with strides (2 * C, 2)."""
+    big = torch.zeros(x.shape[0], 2 * x.shape[1], dtype=x.dtype, device=x.device)
+    big[:, ::2] = x
+    return big[:, ::2]
+
+
+def assert_topk_matches(dist, idx, ref_dist, ref_idx, queries, tokens, admissible) -> None:
+    """Tie-aware comparison with the reference (faiss's check_ref_knn_with_draws, with a tolerance).
+
+    Distances allclose; missing slots (-1 / +inf) where the reference has them; ascending rows; every
+    index admissible, unique in its row and carrying its own distance; the same index sets below the
+    last (cut) group of equal distances.
+    """
+    m, k = ref_idx.shape
+    assert dist.shape == (m, k) and idx.shape == (m, k), (tuple(dist.shape), tuple(idx.shape), (m, k))
+    assert dist.dtype == torch.float32 and idx.dtype == torch.int64
+    assert dist.device == queries.device and idx.device == queries.device
+    assert_close_verbose("dist", dist, ref_dist, atol=ATOL, rtol=0)
+    dist, idx, ref_idx = dist.cpu(), idx.cpu(), ref_idx.cpu()
+    assert torch.equal(idx < 0, ref_idx < 0), "missing slots differ from the reference"
+    assert torch.equal(torch.isinf(dist), idx < 0), "+inf exactly where idx is -1"
+    if k > 1:
+        assert bool((dist[:, 1:] >= dist[:, :-1]).all()), "rows must be sorted ascending"
+    n = tokens.shape[0]
+    assert bool(((idx >= -1) & (idx < n)).all()), "indices must be -1 or valid token ids"
+    q64, t64, ok = queries.cpu().double(), tokens.cpu().double(), admissible.cpu()
+    for row in range(m):
+        got = idx[row][idx[row] >= 0]
+        want = ref_idx[row][ref_idx[row] >= 0]
+        assert got.unique().numel() == got.numel(), f"row {row}: repeated index"
+        assert bool(ok[row, got].all()), f"row {row}: inadmissible index {got[~ok[row, got]].tolist()}"
+        exact = 1.0 - t64[got] @ q64[row]
+        assert torch.allclose(exact, dist[row, : got.numel()].double(), atol=ATOL), f"row {row}: idx/dist mismatch"
+        # the group cut by K may hold any of its members: compare the sets strictly below it
+        cut = (1.0 - t64[want] @ q64[row]).max() if want.numel() == k else float("inf")
+        exact_want = 1.0 - t64[want] @ q64[row]
+        below_got = set(got[exact < cut - ATOL].tolist())
+        below_want = set(want[exact_want < cut - ATOL].tolist())
+        assert below_got == below_want, f"row {row}: {sorted(below_got ^ below_want)[:8]} differ (not a tie)"
+
+
+def cosine_admissible(m, n, lo=None, hi=None, token_group=None, exclude_group=None) -> torch.Tensor:
+    ids = torch.arange(n, device=DEVICE)
+    ok = torch.ones(m, n, dtype=torch.bool, device=DEVICE)
+    if lo is not None:
+        ok &= (ids[None, :] >= lo[:, None]) & (ids[None, :] < hi[:, None])
+    if exclude_group is not None:
+        ok &= token_group[None, :] != exclude_group[:, None]
+    return ok
+
+
+def check_cosine(queries, tokens, k, lo=None, hi=None, token_group=None, exclude_group=None, **launcher_kwargs):
+    args = (queries, tokens, k, lo, hi, token_group, exclude_group)
+    if launcher_kwargs:
+        dist, idx = cosine_topk_triton(*args, **launcher_kwargs)
+    else:
+        dist, idx = _dispatch.call("cosine_topk", *args, backend="triton")
+    ref_dist, ref_idx = cosine_topk_ref(*args)
+    ok = cosine_admissible(queries.shape[0], tokens.shape[0], lo, hi, token_group, exclude_group)
+    assert_topk_matches(dist, idx, ref_dist, ref_idx, queries, tokens, ok)
+    return dist, idx
+
+
+@pytest.mark.parametrize(
+    "m, n, d, k",
+    [
+        (1, 70, 60, 7),
+        (37, 200, 60, 7),
+        (5, 20, 32, 30),
+        (3, 1, 16, 4),
+        (9, 600, 48, 150),
+        (3, 300, 24, 256),
+        (2, 700, 16, 512),
+    ],
+    ids=lambda v: str(v),
+)
+def test_cosine_topk_matches_ref(m, n, d, k):
+    check_cosine(unit(m, d), unit(n, d), k)
+
+
+@pytest.mark.parametrize("n_chunks", [1, 3, 50])
+def test_cosine_topk_chunking(n_chunks):
+    # the split of the token axis changes the partial lists the merge sees, never the result
+    check_cosine(unit(33, 40), unit(450, 40), 20, n_chunks=n_chunks)
+
+
+def test_cosine_topk_ranges_and_groups():
+    m, n = 34, 260
+    q, t = unit(m, 60), unit(n, 60)
+    lo = torch.randint(0, n // 2, (m,), device=DEVICE)
+    hi = lo + torch.randint(0, n // 2, (m,), device=DEVICE)
+    hi[0] = lo[0]  # an empty range: nothing admissible
+    hi[1] = lo[1] + 3  # fewer tokens than K
+    group = torch.randint(0, 5, (n,), device=DEVICE)
+    exclude = torch.randint(-1, 5, (m,), device=DEVICE)
+    exclude[2] = -1
+    dist, idx = check_cosine(q, t, 9, lo, hi, group, exclude)
+    assert bool((idx[0] == -1).all())
+    check_cosine(q, t, 9, lo, hi)
+    check_cosine(q, t, 9, None, None, group, exclude)
+
+
+def test_cosine_topk_exact_ties():
+    t = unit(40, 16)
+    tokens = torch.cat([t, t[:25], t[:10]])  # exact duplicates: groups of equal distances
+    check_cosine(unit(6, 16), tokens, 12)
+
+
+def test_cosine_topk_non_contiguous_inputs():
+    q = strided(unit(40, 60))  # [M, D] with strides (120, 2)
+    t = unit(150, 60).T.contiguous().T  # column-major [N, D]
+    assert not q.is_contiguous() and not t.is_contiguous()
+    check_cosine(q, t, 7)
+
+
+def test_cosine_topk_empty_inputs():
+    dist, idx = _dispatch.call("cosine_topk", unit(0, 8), unit(10, 8), 5, None, None, None, None, backend="triton")
+    assert dist.shape == (0, 5) and idx.shape == (0, 5)
+    dist, idx = _dispatch.call("cosine_topk", unit(3, 8), unit(0, 8), 5, None, None, None, None, backend="triton")
+    assert bool(torch.isinf(dist).all()) and bool((idx == -1).all())
+
+
+def test_cosine_topk_public_op():
+    q, t = unit(4, 24), unit(50, 24)
+    dist, idx = ops.cosine_topk(q, t, 5, backend="triton")
+    assert_topk_matches(dist, idx, *cosine_topk_ref(q, t, 5), q, t, cosine_admissible(4, 50))
+
+
+def test_cosine_topk_errors():
+    q, t = unit(2, 8), unit(10, 8)
+    limit = cosine_topk_module.MAX_K
+    with pytest.raises(RuntimeError, match=rf"backend 'triton' cannot serve this call: k={limit + 1} is above"):
+        _dispatch.call("cosine_topk", q, t, limit + 1, None, None, None, None, backend="triton")
+    with pytest.raises(RuntimeError, match=r"queries must be torch.float32, got torch.float64"):
+        _dispatch.call("cosine_topk", q.double(), t.double(), 3, None, None, None, None, backend="triton")
+    with pytest.raises(RuntimeError, match=r"exclude_group needs token_group"):
+        excl = torch.zeros(2, dtype=torch.int64, device=DEVICE)
+        _dispatch.call("cosine_topk", q, t, 3, None, None, None, excl, backend="triton")
+
+
+def make_lists(sizes, d):
+    sizes = torch.tensor(sizes, dtype=torch.int64)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)]).to(DEVICE)
+    return offsets, unit(int(sizes.sum()), d)
+
+
+def random_probes(m, n_lists, p):
+    return torch.stack([torch.randperm(n_lists)[:p] for _ in range(m)]).to(DEVICE)
+
+
+def ivf_admissible(probes, offsets, n, token_group=None, exclude_group=None):
+    owner = torch.searchsorted(offsets, torch.arange(n, device=DEVICE), right=True) - 1  # [N] list of each token
+    ok = (owner[None, None, :] == probes[:, :, None]).any(dim=1)  # [M, N]
+    if exclude_group is not None:
+        ok &= token_group[None, :] != exclude_group[:, None]
+    return ok
+
+
+def check_ivf(queries, probes, offsets, tokens, k, token_group=None, exclude_group=None):
+    args = (queries, probes, offsets, tokens, k, token_group, exclude_group)
+    dist, idx = _dispatch.call("ivf_topk", *args, backend="triton")
+    ref_dist, ref_idx = ivf_topk_ref(*args)
+    ok = ivf_admissible(probes, offsets, tokens.shape[0], token_group, exclude_group)
+    assert_topk_matches(dist, idx, ref_dist, ref_idx, queries, tokens, ok)
+    return dist, idx
+
+
+@pytest.mark.parametrize("k", [7, 150])
+def test_ivf_topk_matches_ref(k):
+    # an empty list, lists shorter than K, unused slots and one query with every slot unused
+    offsets, tokens = make_lists([30, 0, 70, 5, 100, 41, 64], 60)
+    m = 45
+    probes = random_probes(m, 7, 3)
+    probes[::4, 1] = -1
+    probes[5] = -1
+    dist, idx = check_ivf(unit(m, 60), probes, offsets, tokens, k)
+    assert bool((idx[5] == -1).all())
+
+
+def test_ivf_topk_many_queries_per_list():
+    # 90 (query, slot) pairs on each of 2 lists: several work items per list
+    offsets, tokens = make_lists([150, 90], 32)
+    probes = torch.stack([torch.zeros(90, dtype=torch.int64), torch.ones(90, dtype=torch.int64)], dim=1).to(DEVICE)
+    probes[::2] = probes[::2].flip(1)
+    check_ivf(unit(90, 32), probes, offsets, tokens, 16)
+
+
+def test_ivf_topk_one_list_and_no_probes():
+    offsets, tokens = make_lists([23], 20)
+    q = unit(4, 20)
+    check_ivf(q, torch.zeros(4, 1, dtype=torch.int64, device=DEVICE), offsets, tokens, 30)
+    dist, idx = check_ivf(q, torch.full((4, 2), -1, dtype=torch.int64, device=DEVICE), offsets, tokens, 5)
+    assert bool((idx == -1).all())
+    # P = 0 (the reference cannot take it: torch.topk of an empty row)
+    no_slots = torch.zeros(4, 0, dtype=torch.int64, device=DEVICE)
+    dist, idx = _dispatch.call("ivf_topk", q, no_slots, offsets, tokens, 5, None, None, backend="triton")
+    assert dist.shape == (4, 5) and bool((idx == -1).all()) and bool(torch.isinf(dist).all())
+    # only an empty list probed
+    offsets, tokens = make_lists([10, 0], 20)
+    check_ivf(q, torch.ones(4, 1, dtype=torch.int64, device=DEVICE), offsets, tokens, 5)
+
+
+def test_ivf_topk_groups():
+    offsets, tokens = make_lists([40, 33, 51], 24)
+    m = 20
+    group = torch.randint(0, 4, (tokens.shape[0],), device=DEVICE)
+    exclude = torch.randint(-1, 4, (m,), device=DEVICE)
+    check_ivf(unit(m, 24), random_probes(m, 3, 2), offsets, tokens, 12, group, exclude)
+
+
+def test_ivf_topk_non_contiguous_and_empty():
+    offsets, tokens = make_lists([25, 31, 18], 40)
+    q = strided(unit(12, 40))
+    probes = random_probes(12, 3, 2).T.contiguous().T  # column-major [M, P]
+    assert not q.is_contiguous() and not probes.is_contiguous()
+    check_ivf(q, probes, offsets, tokens, 10)
+    dist, idx = check_ivf(unit(0, 40), probes[:0], offsets, tokens, 10)
+    assert dist.shape == (0, 10)
+
+
+def test_ivf_topk_k256():
+    offsets, tokens = make_lists([120, 200, 90], 16)
+    check_ivf(unit(5, 16), random_probes(5, 3, 2), offsets, tokens, 256)
+
+
+def test_ivf_topk_fused_cost_volume():
+    offsets, tokens = make_lists([40, 0, 30, 12], 28)
+    b, h, w, k = 2, 3, 5, 20
+    q = unit(b * h * w, 28)
+    probes = random_probes(b * h * w, 4, 2)
+    probes[3] = -1
+    dist, idx, volume = ivf_topk_cost_volume_triton(q, probes, offsets, tokens, k, None, None, b, h, w, 0.75)
+    ref_dist, ref_idx = ivf_topk_ref(q, probes, offsets, tokens, k)
+    assert_topk_matches(dist, idx, ref_dist, ref_idx, q, tokens, ivf_admissible(probes, offsets, tokens.shape[0]))
+    assert volume.shape == (b, k, h, w) and volume.is_contiguous()
+    assert_close_verbose("volume", volume, cost_volume_ref(ref_dist.view(b, h * w, k), h, w, 0.75), atol=ATOL, rtol=0)
+    # nothing to search: the volume is all pad_cost
+    _, _, empty = ivf_topk_cost_volume_triton(q, probes, offsets[:1], tokens[:0], k, None, None, b, h, w, 0.75)
+    assert bool((empty == 0.75).all())
+
+
+def test_ivf_topk_errors():
+    offsets, tokens = make_lists([10], 8)
+    q, probes = unit(2, 8), torch.zeros(2, 1, dtype=torch.int64, device=DEVICE)
+    limit = cosine_topk_module.MAX_K
+    with pytest.raises(RuntimeError, match=rf"backend 'triton' cannot serve this call: k={limit + 1} is above"):
+        _dispatch.call("ivf_topk", q, probes, offsets, tokens, limit + 1, None, None, backend="triton")
+    with pytest.raises(RuntimeError, match=r"probes must be torch.int64 or torch.int32, got torch.float32"):
+        _dispatch.call("ivf_topk", q, probes.float(), offsets, tokens, 3, None, None, backend="triton")
+    with pytest.raises(ValueError, match=r"M = b \* h \* w"):
+        ivf_topk_cost_volume_triton(q, probes, offsets, tokens, 3, None, None, 1, 1, 3)
+
+
+@pytest.mark.parametrize("b, h, w, k", [(2, 3, 5, 7), (1, 9, 8, 150), (3, 1, 1, 1)], ids=lambda v: str(v))
+def test_cost_volume_matches_ref(b, h, w, k):
+    dist = torch.rand(b, h * w, k, device=DEVICE).sort(dim=-1).values
+    dist[..., k // 2 :][torch.rand(b, h * w, k - k // 2, device=DEVICE) < 0.3] = float("inf")
+    out = _dispatch.call("cost_volume", dist, h, w, 2.5, backend="triton")
+    assert out.is_contiguous()
+    assert_close_verbose("volume", out, cost_volume_ref(dist, h, w, 2.5), atol=0, rtol=0)
+
+
+def test_cost_volume_non_contiguous_and_empty():
+    dist = torch.rand(6, 4, 3, device=DEVICE).transpose(0, 1)  # [B=4, L=6, K=3], non-contiguous
+    dist[0, 1, 2] = float("inf")
+    out = _dispatch.call("cost_volume", dist, 2, 3, 1.0, backend="triton")
+    assert_close_verbose("volume", out, cost_volume_ref(dist, 2, 3, 1.0), atol=0, rtol=0)
+    assert ops.cost_volume(dist[:0], 2, 3, backend="triton").shape == (0, 3, 2, 3)
+
+
+def test_cost_volume_errors():
+    with pytest.raises(RuntimeError, match=r"dist must be torch.float32, got torch.float64"):
+        _dispatch.call("cost_volume", torch.rand(1, 4, 2, device=DEVICE).double(), 2, 2, 1.0, backend="triton")
+
+
+def test_registered_and_auto_policy():
+    table = raid_fast.backends()
+    for op in ("cosine_topk", "ivf_topk", "cost_volume"):
+        assert table[op]["triton"].startswith("ok"), table[op]
+    if INTERPRET:
+        # auto never picks interpreted kernels
+        q, t = unit(2, 8), unit(10, 8)
+        assert _dispatch.select("cosine_topk", q, t, 3, None, None, None, None) != "triton"
