@@ -113,6 +113,29 @@ def time_fn(
     return float(t.quantile(0.5)), float(t.quantile(0.2)), float(t.quantile(0.8))
 
 
+def time_interleaved(
+    fns: dict[str, Callable[[], object]], device: str = "cpu", rounds: int = 5, warmup: int = 1
+) -> dict[str, tuple[float, float, float]]:
+    """(p50, p20, p80) seconds per provider, timed round-robin so that a noisy neighbour on a shared
+    machine slows every provider alike instead of whichever happened to run at the time."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            samples[name].append(time.perf_counter() - start)
+    out = {}
+    for name, values in samples.items():
+        t = torch.tensor(values, dtype=torch.float64)
+        out[name] = (float(t.quantile(0.5)), float(t.quantile(0.2)), float(t.quantile(0.8)))
+    return out
+
+
 def row(
     op: str,
     provider: str,

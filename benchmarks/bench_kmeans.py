@@ -130,31 +130,40 @@ def gate(provider: str, device: str) -> None:
 
 def run(size: str, device: str, out_dir: str | None, rounds: int = 3) -> list[dict]:
     w = WORKLOADS[size]
-    rows, times, inertias = [], {}, {}
-    for provider in providers(device):
-        if provider == "torch" and device == "cpu" and w.n * w.groups > 100_000:
-            # the float64 reference takes minutes at this size on 2 cores; one round is enough
-            n_rounds = 1
-        else:
-            n_rounds = rounds
+    names = providers(device)
+    if device == "cpu" and w.n * w.groups > 100_000 and "torch" in names:
+        # the float64 reference takes minutes per round at this size on 2 cores: timed once, apart
+        names.remove("torch")
+        slow = ["torch"]
+    else:
+        slow = []
+    fns, inertia = {}, {}
+    for provider in names + slow:
         gate(provider, device)
-        fn, inertia = setup(w, provider, device)
-        t = _bench.time_fn(fn, device, rounds=n_rounds, warmup=1 if n_rounds > 1 else 0)
-        times[provider], inertias[provider] = t[0], inertia()
-        cfg = {**asdict(w), "inertia": inertias[provider], "gflops": w.flops_per_iter * w.niter / t[0] / 1e9}
-        rows.append(_bench.row("kmeans_fit", provider, "time", "s", "workload", size, t, cfg, device))
+        fns[provider], inertia[provider] = setup(w, provider, device)
+    # on a GPU do_bench times each provider on its own; on a shared CPU round-robin is fairer
+    if device.startswith("cuda"):
+        times = {name: _bench.time_fn(fns[name], device, rounds=rounds) for name in names}
+    else:
+        times = _bench.time_interleaved({name: fns[name] for name in names}, device, rounds=rounds)
+    for name in slow:
+        times[name] = _bench.time_fn(fns[name], device, rounds=1, warmup=0)
+    rows = []
+    for name, t in times.items():
+        cfg = {**asdict(w), "inertia": inertia[name](), "gflops": w.flops_per_iter * w.niter / t[0] / 1e9}
+        rows.append(_bench.row("kmeans_fit", name, "time", "s", "workload", size, t, cfg, device))
         print(
-            f"kmeans {size:<8} {provider:<12} {t[0] * 1e3:10.2f} ms  (p20 {t[1] * 1e3:.2f}, p80 {t[2] * 1e3:.2f})  "
-            f"inertia {inertias[provider]:.6g}  {cfg['gflops']:.1f} GFLOP/s",
+            f"kmeans {size:<8} {name:<12} {t[0] * 1e3:10.2f} ms  (p20 {t[1] * 1e3:.2f}, p80 {t[2] * 1e3:.2f})  "
+            f"inertia {cfg['inertia']:.6g}  {cfg['gflops']:.1f} GFLOP/s",
             flush=True,
         )
-    ref_inertia = inertias.get("torch", next(iter(inertias.values()), None))
+    ref = inertia["torch"]() if "torch" in inertia else None
     for name in times:
         for base in ("sklearn", "torch", "flash_kmeans"):
-            if base in times and base != name:
-                print(f"  {name} vs {base}: {times[base] / times[name]:.2f}x faster")
-        if ref_inertia:
-            print(f"  {name} inertia vs reference: {100 * (inertias[name] - ref_inertia) / ref_inertia:+.4f}%")
+            if base in times and base != name and name in ("cuda", "cpp"):
+                print(f"  {name} vs {base}: {times[base][0] / times[name][0]:.2f}x faster")
+        if ref:
+            print(f"  {name} inertia vs torch reference: {100 * (inertia[name]() - ref) / ref:+.4f}%")
     if out_dir is not None:
         path = _bench.write_rows(rows, out_dir, device)
         print(f"wrote {len(rows)} rows to {path}")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 
 import pytest
@@ -49,17 +49,27 @@ WORKLOADS = {
 
 
 @lru_cache(maxsize=2)
-def make_database(w: Workload, device: str, seed: int = 0):
-    """Random unit-vector templates clustered into the hierarchy (5 Lloyd iterations suffice for timing)."""
+def _database(w: Workload, device: str, seed: int):
     gen = torch.Generator().manual_seed(seed)
     n_img = w.classes * w.templates
     patch = torch.randn(n_img, w.tokens_per_image, w.dim, generator=gen)
     labels = torch.arange(n_img) // w.templates
     cls = torch.randn(n_img, w.dim, generator=gen) + 4 * F.one_hot(labels % w.dim, w.dim).float()
-    db = rf.TokenDatabase.build(patch, cls, labels=labels, n_semantic=w.n_semantic, kmeans_iters=5, seed=seed)
-    queries = torch.randn(w.batch, w.tokens_per_image, w.dim, generator=gen)
-    query_cls = cls[labels == 0][: w.batch] if w.batch <= w.templates else cls[:1].expand(w.batch, -1)
-    return db.to(device), queries.to(device), query_cls.to(device)
+    # built where it is searched: on a GPU this also runs the CUDA KMeans
+    db = rf.TokenDatabase.build(
+        patch.to(device), cls.to(device), labels=labels, n_semantic=w.n_semantic, kmeans_iters=5, seed=seed
+    )
+    return db, cls[labels == 0].to(device)
+
+
+def make_database(w: Workload, device: str, seed: int = 0):
+    """Random unit-vector templates clustered into the hierarchy (5 Lloyd iterations suffice for
+    timing), and a batch of random queries routed to class 0: (db, queries [B, L, D], cls [B, D])."""
+    db, class0_cls = _database(replace(w, batch=1), device, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    queries = torch.randn(w.batch, w.tokens_per_image, w.dim, generator=gen).to(device)
+    query_cls = class0_cls[torch.arange(w.batch) % class0_cls.shape[0]]
+    return db, queries, query_cls
 
 
 def recall(idx: torch.Tensor, exact_idx: torch.Tensor) -> float:

@@ -29,11 +29,16 @@ assert c.cuda_compiled(), "extension built without CUDA"
 print("extension:", dict(c.build_info()))
 PY
 
-timeout 240 python -m pytest -m cuda -q -p no:cacheprovider tests 2>&1 | tee "$out/pytest_cuda.log"
+# the cuda-marked tests, then the triton kernels compiled (not interpreted) against the references
+timeout 240 python -m pytest -m "cuda or triton" -q -p no:cacheprovider tests 2>&1 | tee "$out/pytest_cuda.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 for size in full15 full; do
   timeout 120 python -m benchmarks.bench_kmeans --size "$size" --device cuda --out "$out" 2>&1 | tee -a "$out/bench_kmeans.log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+done
+for batch in 1 32; do
+  timeout 120 python -m benchmarks.bench_retrieval --size mvtec448 --batch "$batch" --device cuda --out "$out" 2>&1 | tee -a "$out/bench_retrieval.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 done
 

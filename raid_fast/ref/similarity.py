@@ -57,8 +57,12 @@ def cosine_topk_ref(
     best_idx = torch.full((m, k), -1, dtype=torch.int64, device=dev)
     if m == 0 or n == 0:
         return best_dist, best_idx
-    for start in range(0, n, BLOCK):
-        stop = min(n, start + BLOCK)
+    first, last = 0, n
+    if lo is not None:
+        # only the span that some query may see needs scanning (one class of a grouped database)
+        first, last = max(0, int(lo.min())), min(n, int(hi.max()))
+    for start in range(first, last, BLOCK):
+        stop = min(last, start + BLOCK)
         sim = queries.float() @ tokens[start:stop].float().T  # [M, block]
         dist = 1.0 - sim
         ids = torch.arange(start, stop, device=dev)  # [block]
