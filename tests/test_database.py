@@ -1,5 +1,6 @@
 """TokenDatabase: build (labelled, label-free, single class), grouping invariants, add, save/load."""
 
+import dataclasses
 import json
 
 import pytest
@@ -126,16 +127,9 @@ def test_save_load_round_trip(tmp_path):
     path = tmp_path / "db.safetensors"
     db.save(path)
     back = rf.TokenDatabase.load(path)
-    for name in (
-        "class_prototypes",
-        "semantic_prototypes",
-        "n_semantic",
-        "tokens",
-        "list_offsets",
-        "token_image",
-        "token_pos",
-        "image_class",
-    ):
+    tensors = [f.name for f in dataclasses.fields(db) if isinstance(getattr(db, f.name), torch.Tensor)]
+    assert len(tensors) == 8
+    for name in tensors:
         assert torch.equal(getattr(back, name), getattr(db, name)), name
     assert back.params == db.params and back.class_purity == db.class_purity
     assert not (tmp_path / "db.safetensors.tmp").exists()
