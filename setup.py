@@ -71,7 +71,7 @@ if not NO_EXT:
             f"RAID_FAST_FORCE_CUDA=1 but CUDA cannot be built: RAID_FAST_NO_CUDA={NO_CUDA}, "
             f"torch.version.cuda={torch.version.cuda}, CUDA_HOME={CUDA_HOME}"
         )
-    sources = ["csrc/bindings.cpp", "csrc/kmeans/kmeans_cpu.cpp"]
+    sources = ["csrc/bindings.cpp", "csrc/kmeans/kmeans_cpu.cpp", "csrc/search/search_cpu.cpp"]
     # no -std flag: torch's BuildExtension adds the standard its headers need (C++17 or C++20)
     cxx_flags = ["-O3", "-fopenmp"]
     define_macros = []

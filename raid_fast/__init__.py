@@ -6,6 +6,7 @@ fast paths chosen by one dispatcher (see ``raid_fast.backends()``).
 
 from raid_fast import ops
 from raid_fast._dispatch import backends as _backends
+from raid_fast.backbones import Backbone, available_backbones, load_backbone
 from raid_fast.database import TokenDatabase
 from raid_fast.kmeans import KMeans, KMeansResult, kmeans
 from raid_fast.retrieval import Retrieval, retrieve
@@ -28,12 +29,15 @@ def backends() -> dict:
 
 
 __all__ = [
+    "Backbone",
     "KMeans",
     "KMeansResult",
     "Retrieval",
     "TokenDatabase",
+    "available_backbones",
     "backends",
     "kmeans",
+    "load_backbone",
     "ops",
     "retrieve",
     "__version__",

@@ -20,7 +20,7 @@ from raid_fast.ref.cost_volume import cost_volume_ref
 from raid_fast.ref.ivf_search import ivf_topk_ref
 from raid_fast.ref.similarity import cosine_topk_ref
 
-from .utils import assert_close_verbose
+from .utils import assert_close_verbose, assert_topk_matches, strided
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 if not INTERPRET and not torch.cuda.is_available():
@@ -54,48 +54,6 @@ def sort_impl(request, monkeypatch):
 
 def unit(*shape: int) -> torch.Tensor:
     return F.normalize(torch.randn(*shape, device=DEVICE), dim=-1)
-
-
-def strided(x: torch.Tensor) -> torch.Tensor:
-    """The same values as x [R, C] in a non-contiguous view with strides (2 * C, 2)."""
-    big = torch.zeros(x.shape[0], 2 * x.shape[1], dtype=x.dtype, device=x.device)
-    big[:, ::2] = x
-    return big[:, ::2]
-
-
-def assert_topk_matches(dist, idx, ref_dist, ref_idx, queries, tokens, admissible) -> None:
-    """Tie-aware comparison with the reference (faiss's check_ref_knn_with_draws, with a tolerance).
-
-    Distances allclose; missing slots (-1 / +inf) where the reference has them; ascending rows; every
-    index admissible, unique in its row and carrying its own distance; the same index sets below the
-    last (cut) group of equal distances.
-    """
-    m, k = ref_idx.shape
-    assert dist.shape == (m, k) and idx.shape == (m, k), (tuple(dist.shape), tuple(idx.shape), (m, k))
-    assert dist.dtype == torch.float32 and idx.dtype == torch.int64
-    assert dist.device == queries.device and idx.device == queries.device
-    assert_close_verbose("dist", dist, ref_dist, atol=ATOL, rtol=0)
-    dist, idx, ref_idx = dist.cpu(), idx.cpu(), ref_idx.cpu()
-    assert torch.equal(idx < 0, ref_idx < 0), "missing slots differ from the reference"
-    assert torch.equal(torch.isinf(dist), idx < 0), "+inf exactly where idx is -1"
-    if k > 1:
-        assert bool((dist[:, 1:] >= dist[:, :-1]).all()), "rows must be sorted ascending"
-    n = tokens.shape[0]
-    assert bool(((idx >= -1) & (idx < n)).all()), "indices must be -1 or valid token ids"
-    q64, t64, ok = queries.cpu().double(), tokens.cpu().double(), admissible.cpu()
-    for row in range(m):
-        got = idx[row][idx[row] >= 0]
-        want = ref_idx[row][ref_idx[row] >= 0]
-        assert got.unique().numel() == got.numel(), f"row {row}: repeated index"
-        assert bool(ok[row, got].all()), f"row {row}: inadmissible index {got[~ok[row, got]].tolist()}"
-        exact = 1.0 - t64[got] @ q64[row]
-        assert torch.allclose(exact, dist[row, : got.numel()].double(), atol=ATOL), f"row {row}: idx/dist mismatch"
-        # the group cut by K may hold any of its members: compare the sets strictly below it
-        cut = (1.0 - t64[want] @ q64[row]).max() if want.numel() == k else float("inf")
-        exact_want = 1.0 - t64[want] @ q64[row]
-        below_got = set(got[exact < cut - ATOL].tolist())
-        below_want = set(want[exact_want < cut - ATOL].tolist())
-        assert below_got == below_want, f"row {row}: {sorted(below_got ^ below_want)[:8]} differ (not a tie)"
 
 
 def cosine_admissible(m, n, lo=None, hi=None, token_group=None, exclude_group=None) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Shared test helpers: backend parametrisation and tie-aware comparisons."""
+"""Shared test helpers: backend parametrisation, tie-aware comparisons and strided views."""
 
 from __future__ import annotations
 
@@ -42,6 +42,49 @@ def assert_close_verbose(name: str, actual: torch.Tensor, expected: torch.Tensor
             f"first at {first}: {actual[first].item()} vs {expected[first].item()}"
         )
         raise AssertionError(msg)
+
+
+def strided(x: torch.Tensor) -> torch.Tensor:
+    """The same values as x [R, C] in a non-contiguous view with strides (2 * C, 2)."""
+    big = torch.zeros(x.shape[0], 2 * x.shape[1], dtype=x.dtype, device=x.device)
+    big[:, ::2] = x
+    return big[:, ::2]
+
+
+def assert_topk_matches(dist, idx, ref_dist, ref_idx, queries, tokens, admissible, atol: float = 1e-5) -> None:
+    """Tie-aware comparison of a top-K search with its reference (faiss's check_ref_knn_with_draws,
+    with a tolerance).
+
+    Distances allclose; missing slots (-1 / +inf) where the reference has them; ascending rows; every
+    index admissible ([M, N] bool), unique in its row and carrying its own distance; the same index
+    sets below the last (cut) group of equal distances. ``atol`` covers float32 sums in another order.
+    """
+    m, k = ref_idx.shape
+    assert dist.shape == (m, k) and idx.shape == (m, k), (tuple(dist.shape), tuple(idx.shape), (m, k))
+    assert dist.dtype == torch.float32 and idx.dtype == torch.int64
+    assert dist.device == queries.device and idx.device == queries.device
+    assert_close_verbose("dist", dist, ref_dist, atol=atol, rtol=0)
+    dist, idx, ref_idx = dist.cpu(), idx.cpu(), ref_idx.cpu()
+    assert torch.equal(idx < 0, ref_idx < 0), "missing slots differ from the reference"
+    assert torch.equal(torch.isinf(dist), idx < 0), "+inf exactly where idx is -1"
+    if k > 1:
+        assert bool((dist[:, 1:] >= dist[:, :-1]).all()), "rows must be sorted ascending"
+    n = tokens.shape[0]
+    assert bool(((idx >= -1) & (idx < n)).all()), "indices must be -1 or valid token ids"
+    q64, t64, ok = queries.cpu().double(), tokens.cpu().double(), admissible.cpu()
+    for row in range(m):
+        got = idx[row][idx[row] >= 0]
+        want = ref_idx[row][ref_idx[row] >= 0]
+        assert got.unique().numel() == got.numel(), f"row {row}: repeated index"
+        assert bool(ok[row, got].all()), f"row {row}: inadmissible index {got[~ok[row, got]].tolist()}"
+        exact = 1.0 - t64[got] @ q64[row]
+        assert torch.allclose(exact, dist[row, : got.numel()].double(), atol=atol), f"row {row}: idx/dist mismatch"
+        # the group cut by K may hold any of its members: compare the sets strictly below it
+        cut = (1.0 - t64[want] @ q64[row]).max() if want.numel() == k else float("inf")
+        exact_want = 1.0 - t64[want] @ q64[row]
+        below_got = set(got[exact < cut - atol].tolist())
+        below_want = set(want[exact_want < cut - atol].tolist())
+        assert below_got == below_want, f"row {row}: {sorted(below_got ^ below_want)[:8]} differ (not a tie)"
 
 
 def assert_assign_equal_up_to_ties(

@@ -10,22 +10,9 @@
 #include <new>
 #include <vector>
 
+#include "common/cpu.h"
+#include "common/dot_tile.h"
 #include "kmeans.h"
-
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define RAID_FAST_X86 1
-#endif
-
-// omp directives go through a macro so that a build without -fopenmp drops them silently instead
-// of warning about unknown pragmas.
-#ifdef _OPENMP
-#include <omp.h>
-#define RAID_FAST_PRAGMA(x) _Pragma(#x)
-#define RAID_FAST_OMP(...) RAID_FAST_PRAGMA(omp __VA_ARGS__)
-#else
-#define RAID_FAST_OMP(...)
-#endif
 
 // an empty asm that claims to modify v keeps a product from being fused into the following add:
 // under -ffp-contract=fast with fma enabled the compiler could otherwise emit an fma and change
@@ -41,53 +28,16 @@
 namespace raid_fast {
 namespace {
 
-int thread_id() {
-#ifdef _OPENMP
-  return omp_get_thread_num();
-#else
-  return 0;
-#endif
-}
-
-struct FreeDeleter {
-  void operator()(void* p) const { std::free(p); }
-};
-
-// 64-byte aligned float storage, so packed centroid panels can use aligned loads.
-std::unique_ptr<float[], FreeDeleter> alloc_floats(int64_t n) {
-  size_t bytes = static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(float);
-  bytes = (bytes + 63) / 64 * 64;
-  void* p = std::aligned_alloc(64, bytes);
-  if (p == nullptr) throw std::bad_alloc();
-  return std::unique_ptr<float[], FreeDeleter>(static_cast<float*>(p));
-}
-
-bool cpu_has_avx2_fma() {
-#ifdef RAID_FAST_X86
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-#else
-  return false;
-#endif
-}
-
 int64_t group_k(const int64_t* offsets, int64_t g, int64_t k) {
   return std::min(k, offsets[g + 1] - offsets[g]);
 }
 
-int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
-
-// points per register tile of the micro-kernel: 6 points x 16 centroids = 12 ymm accumulators.
-constexpr int kTileRows = 6;
 // points per chunk: the unit whose dots are kept in a buffer until the argmin.
 constexpr int64_t kAssignChunk = 16 * kTileRows;
 // rows of a thread's dot buffer: a chunk plus room for the dropped rows of a short last tile pair.
 constexpr int64_t kBufRows = kAssignChunk + 2 * kTileRows;
 // chunks per scheduling task.
 constexpr int64_t kChunksPerTask = 8;
-// dims per block: a [kDimBlock, 16] panel slice plus a tile's rows fit in l1, and dots summed
-// per block, then across blocks, round less than one chain over all of D.
-constexpr int64_t kDimBlock = 192;
 
 // the group's centroids as column panels: panel j0 (16 or, for the last one, 8 columns wide) lives
 // at pack + j0 * D with layout [D][width]; columns >= k_g are zero and get a norm of +inf so that
@@ -131,23 +81,6 @@ void argmin_scalar(const float* key, int64_t kg, float x2, float* dist, int64_t*
   *idx = bj;
 }
 
-// x . c for kTileRows points and W centroids over dims d0 .. d1-1, added to out when add is set.
-template <int W>
-void dot_tile_generic(const float* const* xr, const float* panel, int64_t d0, int64_t d1, bool add,
-                      float* out, int64_t ldo) {
-  float acc[kTileRows][W] = {};
-  for (int64_t d = d0; d < d1; ++d) {
-    const float* b = panel + d * W;  // [W]
-    for (int p = 0; p < kTileRows; ++p) {
-      const float a = xr[p][d];
-      for (int c = 0; c < W; ++c) acc[p][c] += a * b[c];
-    }
-  }
-  for (int p = 0; p < kTileRows; ++p) {
-    for (int c = 0; c < W; ++c) out[p * ldo + c] = add ? out[p * ldo + c] + acc[p][c] : acc[p][c];
-  }
-}
-
 // portable path, same tiling and dim blocks as the avx2 path so that the compiler can vectorise
 // over columns and both paths round alike.
 void assign_chunk_generic(const float* x, int64_t D, int64_t begin, int64_t end, const float* pack,
@@ -177,116 +110,6 @@ void assign_chunk_generic(const float* x, int64_t D, int64_t begin, int64_t end,
 }
 
 #ifdef RAID_FAST_X86
-
-// a tile's sums over one block of dims are added to the earlier blocks' sums rather than
-// continued from them: the two-level sum rounds less than one long chain over D.
-__attribute__((target("avx2,fma"))) inline void store_dots(float* out, __m256 v, bool add) {
-  _mm256_storeu_ps(out, add ? _mm256_add_ps(_mm256_loadu_ps(out), v) : v);
-}
-
-// register-blocked x . c for kTileRows points and 16 centroids over dims d0 .. d1-1: per dim, two
-// aligned loads of the packed centroid row and one broadcast per point feed 12 fmas. the 12
-// accumulators are named variables so that no compiler is tempted to keep them in memory. with
-// add set, the tile adds to the sums already in out (a later block of dims).
-__attribute__((target("avx2,fma"))) inline void dot_tile16_avx2(const float* const* xr,
-                                                                const float* panel, int64_t d0,
-                                                                int64_t d1, bool add, float* out,
-                                                                int64_t ldo) {
-  __m256 c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
-  c00 = c01 = c10 = c11 = c20 = c21 = _mm256_setzero_ps();
-  c30 = c31 = c40 = c41 = c50 = c51 = _mm256_setzero_ps();
-  const float* x0 = xr[0];
-  const float* x1 = xr[1];
-  const float* x2 = xr[2];
-  const float* x3 = xr[3];
-  const float* x4 = xr[4];
-  const float* x5 = xr[5];
-  for (int64_t d = d0; d < d1; ++d) {
-    const __m256 b0 = _mm256_load_ps(panel + d * 16);
-    const __m256 b1 = _mm256_load_ps(panel + d * 16 + 8);
-    __m256 a = _mm256_broadcast_ss(x0 + d);
-    c00 = _mm256_fmadd_ps(a, b0, c00);
-    c01 = _mm256_fmadd_ps(a, b1, c01);
-    a = _mm256_broadcast_ss(x1 + d);
-    c10 = _mm256_fmadd_ps(a, b0, c10);
-    c11 = _mm256_fmadd_ps(a, b1, c11);
-    a = _mm256_broadcast_ss(x2 + d);
-    c20 = _mm256_fmadd_ps(a, b0, c20);
-    c21 = _mm256_fmadd_ps(a, b1, c21);
-    a = _mm256_broadcast_ss(x3 + d);
-    c30 = _mm256_fmadd_ps(a, b0, c30);
-    c31 = _mm256_fmadd_ps(a, b1, c31);
-    a = _mm256_broadcast_ss(x4 + d);
-    c40 = _mm256_fmadd_ps(a, b0, c40);
-    c41 = _mm256_fmadd_ps(a, b1, c41);
-    a = _mm256_broadcast_ss(x5 + d);
-    c50 = _mm256_fmadd_ps(a, b0, c50);
-    c51 = _mm256_fmadd_ps(a, b1, c51);
-  }
-  store_dots(out, c00, add);
-  store_dots(out + 8, c01, add);
-  store_dots(out + ldo, c10, add);
-  store_dots(out + ldo + 8, c11, add);
-  store_dots(out + 2 * ldo, c20, add);
-  store_dots(out + 2 * ldo + 8, c21, add);
-  store_dots(out + 3 * ldo, c30, add);
-  store_dots(out + 3 * ldo + 8, c31, add);
-  store_dots(out + 4 * ldo, c40, add);
-  store_dots(out + 4 * ldo + 8, c41, add);
-  store_dots(out + 5 * ldo, c50, add);
-  store_dots(out + 5 * ldo + 8, c51, add);
-}
-
-// the same for the last panel when it is only 8 centroids wide, over two tiles at once: 12 rows
-// keep 12 independent fma chains in flight, as many as the 16-wide kernel has. every column still
-// sums its dims in the same order as in the 16-wide kernel, so equal centroids get equal distances.
-__attribute__((target("avx2,fma"))) inline void dot_tile8_avx2(const float* const* xr,
-                                                               const float* panel, int64_t d0,
-                                                               int64_t d1, bool add, float* out,
-                                                               int64_t ldo) {
-  __m256 c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11;
-  c0 = c1 = c2 = c3 = c4 = c5 = _mm256_setzero_ps();
-  c6 = c7 = c8 = c9 = c10 = c11 = _mm256_setzero_ps();
-  const float* x0 = xr[0];
-  const float* x1 = xr[1];
-  const float* x2 = xr[2];
-  const float* x3 = xr[3];
-  const float* x4 = xr[4];
-  const float* x5 = xr[5];
-  const float* x6 = xr[6];
-  const float* x7 = xr[7];
-  const float* x8 = xr[8];
-  const float* x9 = xr[9];
-  const float* x10 = xr[10];
-  const float* x11 = xr[11];
-  for (int64_t d = d0; d < d1; ++d) {
-    const __m256 b = _mm256_load_ps(panel + d * 8);
-    c0 = _mm256_fmadd_ps(_mm256_broadcast_ss(x0 + d), b, c0);
-    c1 = _mm256_fmadd_ps(_mm256_broadcast_ss(x1 + d), b, c1);
-    c2 = _mm256_fmadd_ps(_mm256_broadcast_ss(x2 + d), b, c2);
-    c3 = _mm256_fmadd_ps(_mm256_broadcast_ss(x3 + d), b, c3);
-    c4 = _mm256_fmadd_ps(_mm256_broadcast_ss(x4 + d), b, c4);
-    c5 = _mm256_fmadd_ps(_mm256_broadcast_ss(x5 + d), b, c5);
-    c6 = _mm256_fmadd_ps(_mm256_broadcast_ss(x6 + d), b, c6);
-    c7 = _mm256_fmadd_ps(_mm256_broadcast_ss(x7 + d), b, c7);
-    c8 = _mm256_fmadd_ps(_mm256_broadcast_ss(x8 + d), b, c8);
-    c9 = _mm256_fmadd_ps(_mm256_broadcast_ss(x9 + d), b, c9);
-    c10 = _mm256_fmadd_ps(_mm256_broadcast_ss(x10 + d), b, c10);
-    c11 = _mm256_fmadd_ps(_mm256_broadcast_ss(x11 + d), b, c11);
-  }
-  store_dots(out, c0, add);
-  store_dots(out + ldo, c1, add);
-  store_dots(out + 2 * ldo, c2, add);
-  store_dots(out + 3 * ldo, c3, add);
-  store_dots(out + 4 * ldo, c4, add);
-  store_dots(out + 5 * ldo, c5, add);
-  store_dots(out + 6 * ldo, c6, add);
-  store_dots(out + 7 * ldo, c7, add);
-  store_dots(out + 8 * ldo, c8, add);
-  store_dots(out + 9 * ldo, c9, add);
-  store_dots(out + 10 * ldo, c10, add);
-  store_dots(out + 11 * ldo, c11, add);
-}
 
 __attribute__((target("avx2,fma"))) float sqnorm_avx2(const float* v, int64_t D) {
   __m256 a0 = _mm256_setzero_ps();
@@ -673,36 +496,6 @@ void mind_range_generic(const float* xg, int64_t D, int64_t begin, int64_t end, 
 
 #ifdef RAID_FAST_X86
 
-// lane p of r[q] becomes element q of input row p.
-__attribute__((target("avx2"))) inline void transpose8(__m256* r) {
-  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]);
-  const __m256 t1 = _mm256_unpackhi_ps(r[0], r[1]);
-  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]);
-  const __m256 t3 = _mm256_unpackhi_ps(r[2], r[3]);
-  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]);
-  const __m256 t5 = _mm256_unpackhi_ps(r[4], r[5]);
-  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]);
-  const __m256 t7 = _mm256_unpackhi_ps(r[6], r[7]);
-  const __m256 s0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
-  const __m256 s1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
-  const __m256 s2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
-  const __m256 s3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
-  const __m256 s4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0));
-  const __m256 s5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2));
-  const __m256 s6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0));
-  const __m256 s7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
-  r[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
-  r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
-  r[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
-  r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
-  r[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
-  r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
-  r[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
-  r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
-}
-
-// exact distances of 8 * NB consecutive rows: each lane owns one point and adds its terms in order
-// of d, so the result is bit-identical to sqdist_exact while NB independent chains hide latency.
 // no fma in the target on purpose: sub, mul and add must round separately.
 template <int NB>
 __attribute__((target("avx2"))) void sqdist_rows_avx2(const float* rows, int64_t D, const float* c,

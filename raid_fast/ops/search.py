@@ -3,8 +3,8 @@
 Letters: M queries, N tokens, D dims, K neighbours, P probed lists, B images, L = H * W.
 Conventions (package-wide): results are ``(dist, idx)``, float32 / int64, sorted ascending by
 1 - cos; missing neighbours are ``idx = -1``, ``dist = +inf`` and become ``pad_cost`` in a cost
-volume. Backends: ``torch`` (``raid_fast.ref``) here; fast backends register themselves from
-``raid_fast.kernels``.
+volume. Backends: ``torch`` (``raid_fast.ref``) and ``cpp`` (extension, CPU float32 tensors) here;
+``triton`` registers itself from ``raid_fast.kernels``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from raid_fast import _checks, _dispatch
+from raid_fast import _checks, _dispatch, _ext
 from raid_fast.ref.cost_volume import cost_volume_ref
 from raid_fast.ref.ivf_search import ivf_topk_ref
 from raid_fast.ref.similarity import cosine_topk_ref
@@ -21,6 +21,87 @@ from raid_fast.ref.similarity import cosine_topk_ref
 _dispatch.register("cosine_topk", "torch", cosine_topk_ref, priority=100)
 _dispatch.register("ivf_topk", "torch", ivf_topk_ref, priority=100)
 _dispatch.register("cost_volume", "torch", cost_volume_ref, priority=100)
+
+
+def _ids(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.to(torch.int64).contiguous()
+
+
+def _cosine_topk_cpp(queries, tokens, k, lo=None, hi=None, token_group=None, exclude_group=None):
+    return _ext._C.cosine_topk(
+        queries.contiguous(),
+        tokens.contiguous(),
+        int(k),
+        _ids(lo),
+        _ids(hi),
+        _ids(token_group),
+        _ids(exclude_group),
+        torch.get_num_threads(),
+    )
+
+
+def _ivf_topk_cpp(queries, probes, list_offsets, tokens, k, token_group=None, exclude_group=None):
+    return _ext._C.ivf_topk(
+        queries.contiguous(),
+        _ids(probes),
+        _ids(list_offsets),
+        tokens.contiguous(),
+        int(k),
+        _ids(token_group),
+        _ids(exclude_group),
+        torch.get_num_threads(),
+    )
+
+
+_INT_DTYPES = (torch.int64, torch.int32)
+
+
+def _cpp_reason(floats: dict, ints: dict) -> Optional[str]:
+    """Why the cpp backend cannot take these tensors (CPU float32 values, CPU integer ids), or None."""
+    for name, t in {**floats, **ints}.items():
+        if t is not None and t.device.type != "cpu":
+            return f"{name} is on {t.device}; the cpp search kernels need CPU tensors"
+    for name, t in floats.items():
+        if t.dtype != torch.float32:
+            return f"{name} must be torch.float32, got {t.dtype}"
+    for name, t in ints.items():
+        if t is not None and t.dtype not in _INT_DTYPES:
+            return f"{name} must be torch.int64 or torch.int32, got {t.dtype}"
+    if ints["exclude_group"] is not None and ints["token_group"] is None:
+        return "exclude_group needs token_group"
+    if floats["tokens"].shape[0] >= 2**32:
+        return f"N={floats['tokens'].shape[0]} tokens is not below 2^32 (ids are packed into 32 bits)"
+    return None
+
+
+def _cosine_topk_cpp_supports(queries, tokens, k, lo=None, hi=None, token_group=None, exclude_group=None):
+    if (lo is None) != (hi is None):
+        return "lo and hi must be given together"
+    ints = {"lo": lo, "hi": hi, "token_group": token_group, "exclude_group": exclude_group}
+    return _cpp_reason({"queries": queries, "tokens": tokens}, ints)
+
+
+def _ivf_topk_cpp_supports(queries, probes, list_offsets, tokens, k, token_group=None, exclude_group=None):
+    ints = {"probes": probes, "list_offsets": list_offsets, "token_group": token_group, "exclude_group": exclude_group}
+    return _cpp_reason({"queries": queries, "tokens": tokens}, ints)
+
+
+_dispatch.register(
+    "cosine_topk",
+    "cpp",
+    _cosine_topk_cpp,
+    priority=10,
+    available=_ext.ext_unavailable_reason,
+    supports=_cosine_topk_cpp_supports,
+)
+_dispatch.register(
+    "ivf_topk",
+    "cpp",
+    _ivf_topk_cpp,
+    priority=10,
+    available=_ext.ext_unavailable_reason,
+    supports=_ivf_topk_cpp_supports,
+)
 
 
 def _load_kernels() -> None:
