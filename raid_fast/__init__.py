@@ -8,6 +8,7 @@ from raid_fast import ops
 from raid_fast._dispatch import backends as _backends
 from raid_fast.backbones import Backbone, available_backbones, load_backbone
 from raid_fast.database import TokenDatabase
+from raid_fast.detector import Detector, Prediction
 from raid_fast.kmeans import KMeans, KMeansResult, kmeans
 from raid_fast.retrieval import Retrieval, retrieve
 
@@ -30,6 +31,8 @@ def backends() -> dict:
 
 __all__ = [
     "Backbone",
+    "Detector",
+    "Prediction",
     "KMeans",
     "KMeansResult",
     "Retrieval",
