@@ -2,8 +2,9 @@
 
 ``HAS_TRITON`` says whether triton imported; ``TRITON_IMPORT_ERROR`` says why not. Kernels register
 their backends with ``raid_fast._dispatch`` when this package is imported: ``triton`` for
-``cosine_topk``, ``ivf_topk`` and ``cost_volume`` (float32; CUDA tensors, or any tensors under
-``TRITON_INTERPRET=1``, where auto selection skips them).
+``cosine_topk``, ``ivf_topk``, ``ivf_topk_cost_volume`` (the merge writes the volume too) and
+``cost_volume`` (float32; CUDA tensors, or any tensors under ``TRITON_INTERPRET=1``, where auto
+selection skips them).
 """
 
 from __future__ import annotations
@@ -35,9 +36,14 @@ if HAS_TRITON:
         from raid_fast.kernels import cosine_topk as _cosine_topk
         from raid_fast.kernels.cosine_topk import cosine_topk_triton
         from raid_fast.kernels.cost_volume import cost_volume_triton
-        from raid_fast.kernels.ivf_topk import ivf_topk_cost_volume_triton, ivf_topk_triton  # noqa: F401 (re-exported)
+        from raid_fast.kernels.ivf_topk import ivf_topk_cost_volume_triton, ivf_topk_triton
 
-        _LAUNCHERS = {"cosine_topk": cosine_topk_triton, "ivf_topk": ivf_topk_triton, "cost_volume": cost_volume_triton}
+        _LAUNCHERS = {
+            "cosine_topk": cosine_topk_triton,
+            "ivf_topk": ivf_topk_triton,
+            "ivf_topk_cost_volume": ivf_topk_cost_volume_triton,
+            "cost_volume": cost_volume_triton,
+        }
     except Exception as exc:  # a triton too old or too new must not break `import raid_fast`
         KERNEL_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
@@ -121,6 +127,12 @@ def _ivf_topk_supports(queries, probes, list_offsets, tokens, k, token_group=Non
     )
 
 
+def _ivf_topk_cost_volume_supports(
+    queries, probes, list_offsets, tokens, k, token_group, exclude_group, b, h, w, pad_cost=1.0
+):
+    return _ivf_topk_supports(queries, probes, list_offsets, tokens, k, token_group, exclude_group)
+
+
 def _cost_volume_supports(dist, h, w, pad_cost=1.0):
     return _first_reason(_device_reason(dist), _tensor_reason("dist", dist, dist.device, _F32))
 
@@ -134,6 +146,7 @@ if HAS_TRITON:
     for _op, _supports in (
         ("cosine_topk", _cosine_topk_supports),
         ("ivf_topk", _ivf_topk_supports),
+        ("ivf_topk_cost_volume", _ivf_topk_cost_volume_supports),
         ("cost_volume", _cost_volume_supports),
     ):
         _dispatch.register(

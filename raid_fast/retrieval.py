@@ -8,20 +8,25 @@ Hierarchical (paper section 3.3): class by cosine of the query CLS token to the 
 -> per token, one global top-K over the union of the P probed instance lists.
 Flat: one exact top-K over every token of the database, or over one class's tokens when
 ``class_ids`` are given (the accuracy oracle and the "Flat" rows of the paper's Table 4).
+Hierarchical retrieval of a [B, D, H, W] grid also builds the cost volume (pad cost 1.0) in the same
+op, fused into the merge where the backend can (triton); ``Retrieval.cost_volume`` reuses it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from raid_fast import _checks, ops
 from raid_fast.database import TokenDatabase
+from raid_fast.ops.search import ivf_topk_cost_volume
 
 MODES = ("hierarchical", "flat")
+_VOLUME_PAD = 1.0  # the pad cost of the volume built with a grid search (Retrieval.cost_volume's default)
 
 
 @dataclass
@@ -43,16 +48,30 @@ class Retrieval:
     proto_idx: torch.Tensor
     class_ids: torch.Tensor
     grid: Optional[tuple[int, int]] = None
+    # (h, w, pad_cost) -> the volume ``retrieve`` built with the search; not a public field
+    _volume: Optional[tuple[tuple[int, int, float], torch.Tensor]] = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     def cost_volume(self, h: Optional[int] = None, w: Optional[int] = None, pad_cost: float = 1.0) -> torch.Tensor:
         """[B, K, H, W] matching cost volume; channel 0 is the 1-NN cost. ``h, w`` default to the
-        query grid; missing neighbours cost ``pad_cost``."""
+        query grid; missing neighbours cost ``pad_cost``. The volume built by ``retrieve`` (grid
+        input, hierarchical mode, pad_cost 1.0) is returned as is, not copied."""
         if h is None or w is None:
             if self.grid is None:
                 msg = "cost_volume needs h and w: the queries were given as [B, L, D]"
                 raise ValueError(msg)
             h, w = self.grid
+        if self._volume is not None:
+            key, volume = self._volume
+            if _is_int(h) and _is_int(w) and (int(h), int(w), float(pad_cost)) == key:
+                return volume
         return ops.cost_volume(self.dist, h, w, pad_cost)
+
+
+def _is_int(v) -> bool:
+    # what ops.cost_volume accepts as h / w; anything else goes there for its error
+    return not isinstance(v, bool) and isinstance(v, (int, np.integer))
 
 
 def _queries(query_tokens, db: TokenDatabase) -> tuple[torch.Tensor, Optional[tuple[int, int]]]:
@@ -170,22 +189,20 @@ def retrieve(
     flat_q = q.reshape(b * n_pos, dim)  # [M, D]
     exclude = _exclude(exclude_images, b, n_pos, db.device)
     group = db.token_image if exclude is not None else None
+    volume = None
 
     if mode == "hierarchical":
         if ids is None:
             msg = f"hierarchical retrieval over {db.n_classes} classes needs query_cls or class_ids"
             raise ValueError(msg)
         probes, proto = _top_prototypes(q, db, ids, nprobe)
-        dist, idx = ops.ivf_topk(
-            flat_q,
-            probes.reshape(b * n_pos, probes.shape[-1]),
-            db.list_offsets,
-            db.tokens,
-            k,
-            group,
-            exclude,
-            backend=backend,
-        )
+        args = (flat_q, probes.reshape(b * n_pos, probes.shape[-1]), db.list_offsets, db.tokens, k, group, exclude)
+        if grid is not None and n_pos > 0:
+            # one pass: the search and its [B, K, H, W] volume (fused into the merge on triton)
+            dist, idx, grid_volume = ivf_topk_cost_volume(*args, b, *grid, _VOLUME_PAD, backend=backend)
+            volume = ((grid[0], grid[1], _VOLUME_PAD), grid_volume)
+        else:
+            dist, idx = ops.ivf_topk(*args, backend=backend)
         proto_idx = probes[..., 0]
     else:
         lo = hi = None
@@ -206,7 +223,7 @@ def retrieve(
         proto_idx = probes[..., 0]
     if b == 0:
         ids = torch.zeros(0, dtype=torch.int64, device=db.device)
-    return Retrieval(
+    res = Retrieval(
         dist=dist.view(b, n_pos, k),
         idx=idx.view(b, n_pos, k),
         proto=proto,
@@ -214,3 +231,5 @@ def retrieve(
         class_ids=ids,
         grid=grid,
     )
+    res._volume = volume
+    return res

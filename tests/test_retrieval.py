@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import raid_fast as rf
+from raid_fast.ref.cost_volume import cost_volume_ref
 from tests.test_database import make_templates
 from tests.utils import assert_close_verbose, backend_params
 
@@ -147,6 +148,38 @@ def test_grid_input_numpy_and_non_contiguous():
     assert a.cost_volume().shape == (2, 6, 4, 5)
     with pytest.raises(ValueError, match="cost_volume needs h and w"):
         b.cost_volume()
+
+
+@pytest.mark.parametrize("backend", [p for p in backend_params("ivf_topk_cost_volume") if p.id != "cuda"])
+def test_grid_input_caches_the_cost_volume_of_the_search(backend):
+    db, _, cls, labels = build_db()
+    q = torch.randn(2, 20, 16)
+    grid = q.transpose(1, 2).reshape(2, 16, 4, 5)  # [B, D, H, W]
+    k = 40  # more than some tokens' probed lists hold: the volume has padded channels
+    res = rf.retrieve(grid, db, class_ids=labels[:2], k=k, nprobe=2, backend=backend)
+    tokens = rf.retrieve(q, db, class_ids=labels[:2], k=k, nprobe=2, backend=backend)
+    assert torch.equal(res.dist, tokens.dist) and torch.equal(res.idx, tokens.idx)
+    vol = res.cost_volume()
+    assert vol.shape == (2, k, 4, 5) and vol.dtype == torch.float32
+    assert bool(torch.isinf(res.dist).any()), "the case must have missing neighbours"
+    assert_close_verbose("volume", vol, cost_volume_ref(res.dist, 4, 5), atol=0, rtol=0)
+    # the volume built with the search is kept: the same tensor for the same arguments
+    assert res.cost_volume(4, 5) is vol and res.cost_volume(4, 5, pad_cost=1.0) is vol
+    # other arguments recompute, never returning the cached volume
+    other = res.cost_volume(4, 5, pad_cost=2.5)
+    assert other is not vol
+    assert_close_verbose("volume", other, cost_volume_ref(res.dist, 4, 5, 2.5), atol=0, rtol=0)
+    flipped = res.cost_volume(5, 4)
+    assert flipped is not vol and flipped.shape == (2, k, 5, 4)
+    assert_close_verbose("volume", flipped, cost_volume_ref(res.dist, 5, 4), atol=0, rtol=0)
+    assert_close_verbose("volume", res.cost_volume(2, 10), cost_volume_ref(res.dist, 2, 10), atol=0, rtol=0)
+    with pytest.raises(TypeError, match="h must be an int"):
+        res.cost_volume(4.0, 5)
+    # [B, L, D] input and flat mode have no cached volume and compute it as before
+    assert tokens.cost_volume(4, 5) is not tokens.cost_volume(4, 5)
+    assert_close_verbose("volume", tokens.cost_volume(4, 5), vol, atol=0, rtol=0)
+    flat = rf.retrieve(grid, db, class_ids=labels[:2], k=k, mode="flat")
+    assert flat.cost_volume() is not flat.cost_volume()
 
 
 def test_zero_queries():

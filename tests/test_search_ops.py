@@ -1,4 +1,5 @@
-"""Triton backends of the search ops (cosine_topk, ivf_topk, cost_volume) against raid_fast.ref.
+"""Triton backends of the search ops (cosine_topk, ivf_topk, ivf_topk_cost_volume, cost_volume)
+against raid_fast.ref.
 
 On CPU this runs under the Triton interpreter, which must be switched on before triton is imported:
 ``TRITON_INTERPRET=1 python -m pytest -m triton tests/test_search_ops.py`` (small shapes: the
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 
 import raid_fast
 from raid_fast import _dispatch, ops
+from raid_fast.ops.search import ivf_topk_cost_volume
 from raid_fast.ref.cost_volume import cost_volume_ref
 from raid_fast.ref.ivf_search import ivf_topk_ref
 from raid_fast.ref.similarity import cosine_topk_ref
@@ -256,6 +258,29 @@ def test_ivf_topk_fused_cost_volume():
     assert bool((empty == 0.75).all())
 
 
+def test_ivf_topk_cost_volume_op_matches_composed_ref():
+    # the dispatcher op on triton (fused merge) against the torch backend (ivf_topk_ref + cost_volume_ref)
+    offsets, tokens = make_lists([26, 0, 35, 9, 17], 20)
+    b, h, w, k = 2, 2, 3, 30  # K above most probed unions: pad_cost shows in the volume
+    m = b * h * w
+    q = unit(m, 20)
+    probes = random_probes(m, 5, 2)
+    probes[4, 1] = -1
+    group = torch.randint(0, 3, (tokens.shape[0],), device=DEVICE)
+    exclude = torch.randint(-1, 3, (m,), device=DEVICE)
+    args = (q, probes, offsets, tokens, k, group, exclude, b, h, w, 1.5)
+    dist, idx, volume = ivf_topk_cost_volume(*args, backend="triton")
+    ref_dist, ref_idx, ref_volume = ivf_topk_cost_volume(*args, backend="torch")
+    ok = ivf_admissible(probes, offsets, tokens.shape[0], group, exclude)
+    assert_topk_matches(dist, idx, ref_dist, ref_idx, q, tokens, ok)
+    assert volume.shape == (b, k, h, w) and volume.dtype == torch.float32 and volume.is_contiguous()
+    assert bool((ref_volume == 1.5).any()), "the case must have missing neighbours"
+    assert_close_verbose("volume", volume, ref_volume, atol=ATOL, rtol=0)
+    assert_close_verbose("volume", volume, cost_volume_ref(dist.view(b, h * w, k), h, w, 1.5), atol=0, rtol=0)
+    with pytest.raises(ValueError, match=r"M = b \* h \* w = 10"):
+        ivf_topk_cost_volume(q, probes, offsets, tokens, k, None, None, 2, 5, 1, backend="triton")
+
+
 def test_ivf_topk_errors():
     offsets, tokens = make_lists([10], 8)
     q, probes = unit(2, 8), torch.zeros(2, 1, dtype=torch.int64, device=DEVICE)
@@ -292,9 +317,12 @@ def test_cost_volume_errors():
 
 def test_registered_and_auto_policy():
     table = raid_fast.backends()
-    for op in ("cosine_topk", "ivf_topk", "cost_volume"):
+    for op in ("cosine_topk", "ivf_topk", "ivf_topk_cost_volume", "cost_volume"):
         assert table[op]["triton"].startswith("ok"), table[op]
     if INTERPRET:
         # auto never picks interpreted kernels
         q, t = unit(2, 8), unit(10, 8)
         assert _dispatch.select("cosine_topk", q, t, 3, None, None, None, None) != "triton"
+        offsets, probes = torch.tensor([0, 10]), torch.zeros(2, 1, dtype=torch.int64)
+        fused = (q, probes, offsets, t, 3, None, None, 1, 1, 2, 1.0)
+        assert _dispatch.select("ivf_topk_cost_volume", *fused) != "triton"

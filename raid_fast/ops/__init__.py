@@ -1,6 +1,6 @@
 """Public functional ops: validate at the boundary, then dispatch (``raid_fast._dispatch``)."""
 
 from raid_fast.ops.kmeans import kmeans_assign
-from raid_fast.ops.search import cosine_topk, cost_volume, ivf_topk
+from raid_fast.ops.search import cosine_topk, cost_volume, ivf_topk, ivf_topk_cost_volume
 
-__all__ = ["cosine_topk", "cost_volume", "ivf_topk", "kmeans_assign"]
+__all__ = ["cosine_topk", "cost_volume", "ivf_topk", "ivf_topk_cost_volume", "kmeans_assign"]

@@ -1,4 +1,5 @@
-"""Search ops behind the dispatcher: exact cosine top-K, inverted-list top-K, cost volume.
+"""Search ops behind the dispatcher: exact cosine top-K, inverted-list top-K, cost volume, and
+inverted-list top-K with its cost volume in one call (``ivf_topk_cost_volume``).
 
 Letters: M queries, N tokens, D dims, K neighbours, P probed lists, B images, L = H * W.
 Conventions (package-wide): results are ``(dist, idx)``, float32 / int64, sorted ascending by
@@ -21,6 +22,17 @@ from raid_fast.ref.similarity import cosine_topk_ref
 _dispatch.register("cosine_topk", "torch", cosine_topk_ref, priority=100)
 _dispatch.register("ivf_topk", "torch", ivf_topk_ref, priority=100)
 _dispatch.register("cost_volume", "torch", cost_volume_ref, priority=100)
+
+
+def _ivf_topk_cost_volume_torch(
+    queries, probes, list_offsets, tokens, k, token_group, exclude_group, b, h, w, pad_cost=1.0
+):
+    # the definition: the inverted-list top-K, then its distances laid out as a volume
+    dist, idx = ivf_topk_ref(queries, probes, list_offsets, tokens, k, token_group, exclude_group)
+    return dist, idx, cost_volume_ref(dist.view(b, h * w, k), h, w, pad_cost)
+
+
+_dispatch.register("ivf_topk_cost_volume", "torch", _ivf_topk_cost_volume_torch, priority=100)
 
 
 def _ids(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -104,6 +116,30 @@ _dispatch.register(
 )
 
 
+def _ivf_topk_cost_volume_cpp(
+    queries, probes, list_offsets, tokens, k, token_group, exclude_group, b, h, w, pad_cost=1.0
+):
+    # the cpp search, then the torch layout (a permute and a fill: nothing to gain in C++)
+    dist, idx = _ivf_topk_cpp(queries, probes, list_offsets, tokens, k, token_group, exclude_group)
+    return dist, idx, cost_volume_ref(dist.view(b, h * w, k), h, w, pad_cost)
+
+
+def _ivf_topk_cost_volume_cpp_supports(
+    queries, probes, list_offsets, tokens, k, token_group, exclude_group, b, h, w, pad_cost=1.0
+):
+    return _ivf_topk_cpp_supports(queries, probes, list_offsets, tokens, k, token_group, exclude_group)
+
+
+_dispatch.register(
+    "ivf_topk_cost_volume",
+    "cpp",
+    _ivf_topk_cost_volume_cpp,
+    priority=10,
+    available=_ext.ext_unavailable_reason,
+    supports=_ivf_topk_cost_volume_cpp_supports,
+)
+
+
 def _load_kernels() -> None:
     # registers the triton backends (if triton imports); a no-op after the first call
     try:
@@ -146,6 +182,14 @@ def cosine_topk(
     return _dispatch.call("cosine_topk", queries, tokens, k, lo, hi, token_group, exclude_group, backend=backend)
 
 
+def _check_ivf(queries: torch.Tensor, probes: torch.Tensor, tokens: torch.Tensor, k: int) -> None:
+    _check_pair(queries, tokens, k)
+    _checks.check_ndim("probes", probes, (2,), "[M, P]")
+    if probes.shape[0] != queries.shape[0]:
+        msg = f"probes must have one row per query ({queries.shape[0]}), got shape {tuple(probes.shape)}"
+        raise ValueError(msg)
+
+
 def ivf_topk(
     queries: torch.Tensor,
     probes: torch.Tensor,
@@ -162,14 +206,56 @@ def ivf_topk(
     ``probes`` [M, P] holds distinct list ids per row, -1 for unused slots. See
     ``raid_fast.ref.ivf_search.ivf_topk_ref`` for the exact definition.
     """
-    _check_pair(queries, tokens, k)
-    _checks.check_ndim("probes", probes, (2,), "[M, P]")
-    if probes.shape[0] != queries.shape[0]:
-        msg = f"probes must have one row per query ({queries.shape[0]}), got shape {tuple(probes.shape)}"
-        raise ValueError(msg)
+    _check_ivf(queries, probes, tokens, k)
     _load_kernels()
     return _dispatch.call(
         "ivf_topk", queries, probes, list_offsets, tokens, k, token_group, exclude_group, backend=backend
+    )
+
+
+def ivf_topk_cost_volume(
+    queries: torch.Tensor,
+    probes: torch.Tensor,
+    list_offsets: torch.Tensor,
+    tokens: torch.Tensor,
+    k: int,
+    token_group: Optional[torch.Tensor],
+    exclude_group: Optional[torch.Tensor],
+    b: int,
+    h: int,
+    w: int,
+    pad_cost: float = 1.0,
+    *,
+    backend: Optional[str] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``ivf_topk`` of M = b * h * w queries (image-major, row-major grids) and its cost volume.
+
+    Returns dist [M, K], idx [M, K] as ``ivf_topk`` and volume [B, K, H, W] float32 equal to
+    ``cost_volume(dist.view(b, h * w, k), h, w, pad_cost)``; a backend that can writes the volume in
+    the same pass as the merge (triton).
+    """
+    _check_ivf(queries, probes, tokens, k)
+    b = _checks.check_int("b", b, minimum=0)
+    h = _checks.check_int("h", h, minimum=1)
+    w = _checks.check_int("w", w, minimum=1)
+    if queries.shape[0] != b * h * w:
+        msg = f"queries must be M = b * h * w = {b * h * w} rows (b={b}, h={h}, w={w}), got {queries.shape[0]}"
+        raise ValueError(msg)
+    _load_kernels()
+    return _dispatch.call(
+        "ivf_topk_cost_volume",
+        queries,
+        probes,
+        list_offsets,
+        tokens,
+        k,
+        token_group,
+        exclude_group,
+        b,
+        h,
+        w,
+        float(pad_cost),
+        backend=backend,
     )
 
 
