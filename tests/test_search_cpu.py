@@ -10,31 +10,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import raid_fast
 from raid_fast import _dispatch, _ext, ops
 from raid_fast.ref.ivf_search import ivf_topk_ref
 from raid_fast.ref.similarity import cosine_topk_ref
 
-from .utils import assert_topk_matches, strided
+from .utils import assert_topk_matches, cosine_admissible, ivf_admissible, make_lists, random_probes, strided, unit
 
 if not _ext.HAS_EXT:
     pytest.skip(f"the extension is not built: {_ext.EXT_IMPORT_ERROR}", allow_module_level=True)
-
-
-def unit(*shape: int) -> torch.Tensor:
-    return F.normalize(torch.randn(*shape), dim=-1)
-
-
-def cosine_admissible(m, n, lo=None, hi=None, token_group=None, exclude_group=None) -> torch.Tensor:
-    ids = torch.arange(n)
-    ok = torch.ones(m, n, dtype=torch.bool)
-    if lo is not None:
-        ok &= (ids[None, :] >= lo[:, None]) & (ids[None, :] < hi[:, None])
-    if exclude_group is not None:
-        ok &= token_group[None, :] != exclude_group[:, None]
-    return ok
 
 
 def check_cosine(queries, tokens, k, lo=None, hi=None, token_group=None, exclude_group=None):
@@ -130,24 +115,6 @@ def test_cosine_topk_empty_inputs():
 def test_cosine_topk_query_blocks():
     # K = 5000 makes each running list 10k keys, so 500 queries need more than one query block
     check_cosine(unit(500, 16), unit(12000, 16), 5000)
-
-
-def make_lists(sizes, d):
-    sizes = torch.tensor(sizes, dtype=torch.int64)
-    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)])
-    return offsets, unit(int(sizes.sum()), d)
-
-
-def random_probes(m, n_lists, p):
-    return torch.stack([torch.randperm(n_lists)[:p] for _ in range(m)])
-
-
-def ivf_admissible(probes, offsets, n, token_group=None, exclude_group=None):
-    owner = torch.searchsorted(offsets, torch.arange(n), right=True) - 1  # [N] list of each token
-    ok = (owner[None, None, :] == probes[:, :, None]).any(dim=1)  # [M, N]
-    if exclude_group is not None:
-        ok &= token_group[None, :] != exclude_group[:, None]
-    return ok
 
 
 def check_ivf(queries, probes, offsets, tokens, k, token_group=None, exclude_group=None):

@@ -9,11 +9,11 @@ tensors, with both sort networks (tl.topk / tl.bitonic_merge and the min/max one
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import raid_fast
 from raid_fast import _dispatch, ops
@@ -22,7 +22,8 @@ from raid_fast.ref.cost_volume import cost_volume_ref
 from raid_fast.ref.ivf_search import ivf_topk_ref
 from raid_fast.ref.similarity import cosine_topk_ref
 
-from .utils import assert_close_verbose, assert_topk_matches, strided
+from . import utils
+from .utils import assert_close_verbose, assert_topk_matches, ivf_admissible, strided
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 if not INTERPRET and not torch.cuda.is_available():
@@ -42,6 +43,10 @@ from raid_fast.kernels.ivf_topk import ivf_topk_cost_volume_triton  # noqa: E402
 pytestmark = pytest.mark.triton
 
 DEVICE = "cpu" if INTERPRET else "cuda"
+unit = functools.partial(utils.unit, device=DEVICE)
+cosine_admissible = functools.partial(utils.cosine_admissible, device=DEVICE)
+make_lists = functools.partial(utils.make_lists, device=DEVICE)
+random_probes = functools.partial(utils.random_probes, device=DEVICE)
 # distances are 1 - q.t in fp32 on both sides; only the summation order differs
 ATOL = 1e-5
 
@@ -52,20 +57,6 @@ def sort_impl(request, monkeypatch):
     interpreter only with the network (tl.sort's xor_sum runs element by element there)."""
     monkeypatch.setattr(cosine_topk_module, "NATIVE_SORT", request.param == "native")
     return request.param
-
-
-def unit(*shape: int) -> torch.Tensor:
-    return F.normalize(torch.randn(*shape, device=DEVICE), dim=-1)
-
-
-def cosine_admissible(m, n, lo=None, hi=None, token_group=None, exclude_group=None) -> torch.Tensor:
-    ids = torch.arange(n, device=DEVICE)
-    ok = torch.ones(m, n, dtype=torch.bool, device=DEVICE)
-    if lo is not None:
-        ok &= (ids[None, :] >= lo[:, None]) & (ids[None, :] < hi[:, None])
-    if exclude_group is not None:
-        ok &= token_group[None, :] != exclude_group[:, None]
-    return ok
 
 
 def check_cosine(queries, tokens, k, lo=None, hi=None, token_group=None, exclude_group=None, **launcher_kwargs):
@@ -155,24 +146,6 @@ def test_cosine_topk_errors():
     with pytest.raises(RuntimeError, match=r"exclude_group needs token_group"):
         excl = torch.zeros(2, dtype=torch.int64, device=DEVICE)
         _dispatch.call("cosine_topk", q, t, 3, None, None, None, excl, backend="triton")
-
-
-def make_lists(sizes, d):
-    sizes = torch.tensor(sizes, dtype=torch.int64)
-    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)]).to(DEVICE)
-    return offsets, unit(int(sizes.sum()), d)
-
-
-def random_probes(m, n_lists, p):
-    return torch.stack([torch.randperm(n_lists)[:p] for _ in range(m)]).to(DEVICE)
-
-
-def ivf_admissible(probes, offsets, n, token_group=None, exclude_group=None):
-    owner = torch.searchsorted(offsets, torch.arange(n, device=DEVICE), right=True) - 1  # [N] list of each token
-    ok = (owner[None, None, :] == probes[:, :, None]).any(dim=1)  # [M, N]
-    if exclude_group is not None:
-        ok &= token_group[None, :] != exclude_group[:, None]
-    return ok
 
 
 def check_ivf(queries, probes, offsets, tokens, k, token_group=None, exclude_group=None):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import raid_fast
 
@@ -119,3 +120,40 @@ def blobs(n_groups: int, n: int, d: int, centers: int, seed: int = 0, spread: fl
     which = torch.randint(0, centers, (n_groups, n), generator=gen)  # [G, n]
     pts = torch.gather(c, 1, which.unsqueeze(-1).expand(-1, -1, d))
     return (pts + spread * torch.randn(n_groups, n, d, generator=gen)).float()
+
+
+def unit(*shape: int, device="cpu") -> torch.Tensor:
+    """Random unit-norm rows."""
+    return F.normalize(torch.randn(*shape, device=device), dim=-1)
+
+
+def cosine_admissible(m, n, lo=None, hi=None, token_group=None, exclude_group=None, device="cpu") -> torch.Tensor:
+    """[M, N] bool: which tokens each query of a flat search may see (ranges, exclusion groups)."""
+    ids = torch.arange(n, device=device)
+    ok = torch.ones(m, n, dtype=torch.bool, device=device)
+    if lo is not None:
+        ok &= (ids[None, :] >= lo[:, None]) & (ids[None, :] < hi[:, None])
+    if exclude_group is not None:
+        ok &= token_group[None, :] != exclude_group[:, None]
+    return ok
+
+
+def make_lists(sizes, d, device="cpu"):
+    """CSR offsets [L + 1] and unit tokens [N, D] for lists of the given sizes."""
+    sizes = torch.tensor(sizes, dtype=torch.int64)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)]).to(device)
+    return offsets, unit(int(sizes.sum()), d, device=device)
+
+
+def random_probes(m, n_lists, p, device="cpu"):
+    """[M, P] distinct random list ids per row."""
+    return torch.stack([torch.randperm(n_lists)[:p] for _ in range(m)]).to(device)
+
+
+def ivf_admissible(probes, offsets, n, token_group=None, exclude_group=None):
+    """[M, N] bool: which tokens lie in each query's probed lists (and are not excluded)."""
+    owner = torch.searchsorted(offsets, torch.arange(n, device=offsets.device), right=True) - 1  # [N]
+    ok = (owner[None, None, :] == probes[:, :, None]).any(dim=1)  # [M, N]
+    if exclude_group is not None:
+        ok &= token_group[None, :] != exclude_group[:, None]
+    return ok
