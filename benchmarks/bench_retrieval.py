@@ -160,10 +160,14 @@ def run(size: str, device: str, out_dir: str | None, rounds: int = 5) -> list[di
     db, q, qc = make_database(w, device)
     exact = rf.retrieve(q, db, query_cls=qc, k=w.k, mode="flat", class_ids=db.classify(qc))
     rows, times = [], {}
-    for provider in providers(device):
-        fn, out = setup(w, provider, device)
-        n_rounds = 1 if provider == "flat_multi" and device == "cpu" else rounds
-        t = _bench.time_fn(fn, device, rounds=n_rounds, warmup=1)
+    setups = {provider: setup(w, provider, device) for provider in providers(device)}
+    # on a GPU do_bench times each provider on its own; on a shared CPU round-robin is fairer
+    if device.startswith("cuda"):
+        timed = {name: _bench.time_fn(fn, device, rounds=rounds) for name, (fn, _) in setups.items()}
+    else:
+        timed = _bench.time_interleaved({name: fn for name, (fn, _) in setups.items()}, device, rounds=rounds)
+    for provider, (_, out) in setups.items():
+        t = timed[provider]
         idx = out["res"].idx if "res" in out else out["idx"].to(device)
         rec = recall(idx, exact.idx)
         times[provider] = t[0]
