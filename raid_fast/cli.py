@@ -52,6 +52,66 @@ def _cmd_env(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_build_db(args: argparse.Namespace) -> int:
+    from raid_fast.workflows import build_database
+
+    db = build_database(
+        args.data,
+        args.out,
+        backbone=args.backbone,
+        weights=args.weights,
+        image_size=args.image_size,
+        shots=args.shots,
+        n_semantic=args.n_semantic,
+        label_free=args.label_free,
+        kmeans_iters=args.kmeans_iters,
+        seed=args.seed,
+        device=args.device,
+    )
+    print(f"{db} -> {args.out}")
+    if db.class_purity is not None:
+        print(f"label-free class prototypes: purity {db.class_purity:.4f}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from raid_fast.workflows import detector_from_database, evaluate_dataset, format_table, write_results
+
+    det, db = detector_from_database(args.db, args.device, args.filter, k=args.k, nprobe=args.nprobe, mode=args.mode)
+    results = evaluate_dataset(det, args.data, db.params["image_size"], batch_size=args.batch_size)
+    print(format_table(results))
+    if args.out:
+        write_results(results, args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    import torch
+
+    from raid_fast.data import load_image
+    from raid_fast.workflows import detector_from_database, write_overlays
+
+    det, db = detector_from_database(args.db, args.device, args.filter, k=args.k, nprobe=args.nprobe, mode=args.mode)
+    size = db.params["image_size"]
+    images = torch.stack([load_image(p, (size, size)) for p in args.images])
+    out = det.predict(images)
+    for path, score in zip(args.images, out.score.tolist()):
+        print(f"{score:10.4f}  {path}")
+    paths = write_overlays(images, out.pixel_map, out.score, args.out, [str(p) for p in args.images])
+    print(f"wrote {len(paths)} overlays to {args.out}")
+    return 0
+
+
+def _add_detector_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--db", required=True, help="database file written by build-db")
+    p.add_argument("--filter", default=None, help="trained filter checkpoint (default: retrieval only)")
+    p.add_argument("--k", type=int, default=150, help="neighbours per token")
+    p.add_argument("--nprobe", type=int, default=5, help="semantic prototypes probed per token")
+    p.add_argument("--mode", choices=["hierarchical", "flat"], default="hierarchical")
+    p.add_argument("--device", default="cpu")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="raid-fast", description="raid_fast: fast retrieval-augmented anomaly detection"
@@ -60,6 +120,33 @@ def build_parser() -> argparse.ArgumentParser:
     env = sub.add_parser("env", help="versions, build flags and which backend serves each op")
     env.add_argument("--json", action="store_true", help="print as JSON")
     env.set_defaults(func=_cmd_env)
+
+    bdb = sub.add_parser("build-db", help="build a token database from the train/good images of MVTec-layout folders")
+    bdb.add_argument("--data", nargs="+", required=True, help="dataset root(s) in MVTec layout")
+    bdb.add_argument("--out", required=True, help="database file to write (.safetensors)")
+    bdb.add_argument("--backbone", default="efficientnet_lite0", help="efficientnet_lite0 (offline) or dinov2_vits14")
+    bdb.add_argument("--weights", default=None, help="local weight file (dinov2_vits14)")
+    bdb.add_argument("--image-size", type=int, default=256)
+    bdb.add_argument("--shots", type=int, default=None, help="templates per class (default: all)")
+    bdb.add_argument("--n-semantic", type=int, default=50)
+    bdb.add_argument("--label-free", action="store_true", help="class prototypes by KMeans over CLS tokens")
+    bdb.add_argument("--kmeans-iters", type=int, default=25)
+    bdb.add_argument("--seed", type=int, default=0)
+    bdb.add_argument("--device", default="cpu")
+    bdb.set_defaults(func=_cmd_build_db)
+
+    ev = sub.add_parser("eval", help="per-class metrics on the test split(s)")
+    ev.add_argument("--data", nargs="+", required=True, help="dataset root(s) in MVTec layout")
+    ev.add_argument("--out", default=None, help="write metrics to .json or .csv")
+    ev.add_argument("--batch-size", type=int, default=8)
+    _add_detector_args(ev)
+    ev.set_defaults(func=_cmd_eval)
+
+    pr = sub.add_parser("predict", help="anomaly scores and PNG overlays for images")
+    pr.add_argument("images", nargs="+", help="image files")
+    pr.add_argument("--out", required=True, help="folder for the overlay PNGs")
+    _add_detector_args(pr)
+    pr.set_defaults(func=_cmd_predict)
     return parser
 
 
