@@ -31,6 +31,7 @@ and NaN/inf are errors. Images are moved to the backbone's device; outputs are f
 
 from __future__ import annotations
 
+import abc
 import math
 import os
 import re
@@ -131,7 +132,7 @@ def _load_strict(model: nn.Module, sd: dict[str, torch.Tensor], what: str) -> No
     model.load_state_dict(sd, strict=True)
 
 
-class Backbone(nn.Module):
+class Backbone(nn.Module, abc.ABC):
     """A frozen feature extractor with its preprocessing.
 
     Attributes:
@@ -213,9 +214,9 @@ class Backbone(nn.Module):
         x = x.clamp(0.0, 1.0)
         return (x - self.mean) / self.std
 
+    @abc.abstractmethod
     def _features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, 3, *image_size] normalised -> tokens [B, L, D], cls [B, D]."""
-        raise NotImplementedError
 
     @torch.no_grad()
     def forward(self, images: Any) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:

@@ -8,6 +8,8 @@ thread count (ties go to the smaller token id).
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -16,19 +18,14 @@ from raid_fast import _dispatch, _ext, ops
 from raid_fast.ref.ivf_search import ivf_topk_ref
 from raid_fast.ref.similarity import cosine_topk_ref
 
-from .utils import assert_topk_matches, cosine_admissible, ivf_admissible, make_lists, random_probes, strided, unit
+from . import utils
+from .utils import assert_topk_matches, cosine_admissible, make_lists, random_probes, strided, unit
+
+check_cosine = functools.partial(utils.check_cosine, "cpp")
+check_ivf = functools.partial(utils.check_ivf, "cpp")
 
 if not _ext.HAS_EXT:
     pytest.skip(f"the extension is not built: {_ext.EXT_IMPORT_ERROR}", allow_module_level=True)
-
-
-def check_cosine(queries, tokens, k, lo=None, hi=None, token_group=None, exclude_group=None):
-    args = (queries, tokens, k, lo, hi, token_group, exclude_group)
-    dist, idx = _dispatch.call("cosine_topk", *args, backend="cpp")
-    ref_dist, ref_idx = cosine_topk_ref(*args)
-    ok = cosine_admissible(queries.shape[0], tokens.shape[0], lo, hi, token_group, exclude_group)
-    assert_topk_matches(dist, idx, ref_dist, ref_idx, queries, tokens, ok)
-    return dist, idx
 
 
 @pytest.mark.parametrize(
@@ -115,15 +112,6 @@ def test_cosine_topk_empty_inputs():
 def test_cosine_topk_query_blocks():
     # K = 5000 makes each running list 10k keys, so 500 queries need more than one query block
     check_cosine(unit(500, 16), unit(12000, 16), 5000)
-
-
-def check_ivf(queries, probes, offsets, tokens, k, token_group=None, exclude_group=None):
-    args = (queries, probes, offsets, tokens, k, token_group, exclude_group)
-    dist, idx = _dispatch.call("ivf_topk", *args, backend="cpp")
-    ref_dist, ref_idx = ivf_topk_ref(*args)
-    ok = ivf_admissible(probes, offsets, tokens.shape[0], token_group, exclude_group)
-    assert_topk_matches(dist, idx, ref_dist, ref_idx, queries, tokens, ok)
-    return dist, idx
 
 
 @pytest.mark.parametrize("k", [7, 150, 256])

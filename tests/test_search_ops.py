@@ -47,6 +47,15 @@ unit = functools.partial(utils.unit, device=DEVICE)
 cosine_admissible = functools.partial(utils.cosine_admissible, device=DEVICE)
 make_lists = functools.partial(utils.make_lists, device=DEVICE)
 random_probes = functools.partial(utils.random_probes, device=DEVICE)
+check_ivf = functools.partial(utils.check_ivf, "triton")
+
+
+def check_cosine(queries, tokens, k, lo=None, hi=None, token_group=None, exclude_group=None, **launcher_kwargs):
+    # launcher keyword arguments (chunking, sort network) go straight to the triton launcher
+    run = functools.partial(cosine_topk_triton, **launcher_kwargs) if launcher_kwargs else None
+    return utils.check_cosine("triton", queries, tokens, k, lo, hi, token_group, exclude_group, run=run)
+
+
 # distances are 1 - q.t in fp32 on both sides; only the summation order differs
 ATOL = 1e-5
 
@@ -57,18 +66,6 @@ def sort_impl(request, monkeypatch):
     interpreter only with the network (tl.sort's xor_sum runs element by element there)."""
     monkeypatch.setattr(cosine_topk_module, "NATIVE_SORT", request.param == "native")
     return request.param
-
-
-def check_cosine(queries, tokens, k, lo=None, hi=None, token_group=None, exclude_group=None, **launcher_kwargs):
-    args = (queries, tokens, k, lo, hi, token_group, exclude_group)
-    if launcher_kwargs:
-        dist, idx = cosine_topk_triton(*args, **launcher_kwargs)
-    else:
-        dist, idx = _dispatch.call("cosine_topk", *args, backend="triton")
-    ref_dist, ref_idx = cosine_topk_ref(*args)
-    ok = cosine_admissible(queries.shape[0], tokens.shape[0], lo, hi, token_group, exclude_group)
-    assert_topk_matches(dist, idx, ref_dist, ref_idx, queries, tokens, ok)
-    return dist, idx
 
 
 @pytest.mark.parametrize(
@@ -146,15 +143,6 @@ def test_cosine_topk_errors():
     with pytest.raises(RuntimeError, match=r"exclude_group needs token_group"):
         excl = torch.zeros(2, dtype=torch.int64, device=DEVICE)
         _dispatch.call("cosine_topk", q, t, 3, None, None, None, excl, backend="triton")
-
-
-def check_ivf(queries, probes, offsets, tokens, k, token_group=None, exclude_group=None):
-    args = (queries, probes, offsets, tokens, k, token_group, exclude_group)
-    dist, idx = _dispatch.call("ivf_topk", *args, backend="triton")
-    ref_dist, ref_idx = ivf_topk_ref(*args)
-    ok = ivf_admissible(probes, offsets, tokens.shape[0], token_group, exclude_group)
-    assert_topk_matches(dist, idx, ref_dist, ref_idx, queries, tokens, ok)
-    return dist, idx
 
 
 @pytest.mark.parametrize("k", [7, 150])

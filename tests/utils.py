@@ -157,3 +157,29 @@ def ivf_admissible(probes, offsets, n, token_group=None, exclude_group=None):
     if exclude_group is not None:
         ok &= token_group[None, :] != exclude_group[:, None]
     return ok
+
+
+def check_cosine(backend, queries, tokens, k, lo=None, hi=None, token_group=None, exclude_group=None, run=None):
+    """Flat top-K of ``backend`` (or of ``run``, a launcher) checked against the reference."""
+    from raid_fast import _dispatch
+    from raid_fast.ref.similarity import cosine_topk_ref
+
+    args = (queries, tokens, k, lo, hi, token_group, exclude_group)
+    dist, idx = run(*args) if run is not None else _dispatch.call("cosine_topk", *args, backend=backend)
+    ref_dist, ref_idx = cosine_topk_ref(*args)
+    ok = cosine_admissible(queries.shape[0], tokens.shape[0], lo, hi, token_group, exclude_group, device=queries.device)
+    assert_topk_matches(dist, idx, ref_dist, ref_idx, queries, tokens, ok)
+    return dist, idx
+
+
+def check_ivf(backend, queries, probes, offsets, tokens, k, token_group=None, exclude_group=None):
+    """IVF top-K of ``backend`` checked against the reference."""
+    from raid_fast import _dispatch
+    from raid_fast.ref.ivf_search import ivf_topk_ref
+
+    args = (queries, probes, offsets, tokens, k, token_group, exclude_group)
+    dist, idx = _dispatch.call("ivf_topk", *args, backend=backend)
+    ref_dist, ref_idx = ivf_topk_ref(*args)
+    ok = ivf_admissible(probes, offsets, tokens.shape[0], token_group, exclude_group)
+    assert_topk_matches(dist, idx, ref_dist, ref_idx, queries, tokens, ok)
+    return dist, idx
