@@ -432,10 +432,7 @@ def _image_inputs(scores: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
     if s.shape[0] == 0:
         msg = "scores must hold at least one image, got shape (0,)"
         raise ValueError(msg)
-    if y.shape != s.shape:
-        msg = f"labels must have the shape of scores {tuple(s.shape)}, got {tuple(y.shape)}"
-        raise ValueError(msg)
-    return _host_scores("scores", s), _binary_host("labels", y)
+    return _binary_inputs(s, y)
 
 
 def _pixel_inputs(maps: Any, masks: Any) -> tuple[np.ndarray, np.ndarray]:
