@@ -10,7 +10,12 @@ from raid_fast.backbones import Backbone, available_backbones, load_backbone
 from raid_fast.database import TokenDatabase
 from raid_fast.detector import Detector, Prediction
 from raid_fast.kmeans import KMeans, KMeansResult, kmeans
+from raid_fast.models import GuidedMoEFilter
 from raid_fast.retrieval import Retrieval, retrieve
+
+# the function shadows its module as an attribute of the package: reach the module's other names
+# with ``from raid_fast.train import TrainConfig, load_checkpoint`` (a from-import finds the module)
+from raid_fast.train import TrainConfig, train
 
 __version__ = "0.1.0"
 
@@ -32,10 +37,12 @@ def backends() -> dict:
 __all__ = [
     "Backbone",
     "Detector",
+    "GuidedMoEFilter",
     "Prediction",
     "KMeans",
     "KMeansResult",
     "Retrieval",
+    "TrainConfig",
     "TokenDatabase",
     "available_backbones",
     "backends",
@@ -43,5 +50,6 @@ __all__ = [
     "load_backbone",
     "ops",
     "retrieve",
+    "train",
     "__version__",
 ]

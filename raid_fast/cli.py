@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import platform
 import sys
 from collections.abc import Sequence
@@ -86,6 +87,54 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from raid_fast.database import TokenDatabase
+    from raid_fast.train import TrainConfig
+    from raid_fast.workflows import foreground_modes, train_filter
+
+    foreground = None
+    if args.foreground:
+        foreground = foreground_modes(TokenDatabase.load(args.db), args.foreground)
+    config = TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        k=args.k,
+        nprobe=args.nprobe,
+        mode=args.mode,
+        seed=args.seed,
+        val_fraction=args.val_fraction,
+        dense_router_epoch=args.dense_router_epoch,
+        amp=not args.no_amp,
+        out_dir=args.out,
+        texture_dir=args.texture_dir,
+        foreground=foreground,
+    )
+    _, history = train_filter(args.data, args.db, config, resume=args.resume, progress=True, device=args.device)
+    for rec in history["epochs"]:
+        val = f"  val loss {rec['val_loss']:.4f}  val P-AUROC {rec['val_p_auroc']:.4f}" if "val_loss" in rec else ""
+        print(f"epoch {rec['epoch']:3d}  train loss {rec['train_loss']:.4f}{val}")
+    best = history["best_epoch"]
+    print(f"checkpoints in {args.out}: last.pt" + (f", best.pt (epoch {best})" if best is not None else ""))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from raid_fast.demo import run_demo
+
+    run_demo(
+        args.out,
+        epochs=args.epochs,
+        image_size=args.image_size,
+        k=args.k,
+        nprobe=args.nprobe,
+        seed=args.seed,
+        device=args.device,
+        examples_per_class=args.examples,
+    )
+    return 0
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     import torch
 
@@ -105,10 +154,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 def _add_detector_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--db", required=True, help="database file written by build-db")
-    p.add_argument("--filter", default=None, help="trained filter checkpoint (default: retrieval only)")
-    p.add_argument("--k", type=int, default=150, help="neighbours per token")
-    p.add_argument("--nprobe", type=int, default=5, help="semantic prototypes probed per token")
-    p.add_argument("--mode", choices=["hierarchical", "flat"], default="hierarchical")
+    p.add_argument(
+        "--filter", default=None, help="trained filter checkpoint, e.g. RUN/best.pt (default: retrieval only)"
+    )
+    p.add_argument("--k", type=int, default=None, help="neighbours per token (default: the filter's, else 150)")
+    p.add_argument("--nprobe", type=int, default=None, help="prototypes probed per token (default: as trained, else 5)")
+    p.add_argument(
+        "--mode", choices=["hierarchical", "flat"], default=None, help="default: as trained, else hierarchical"
+    )
     p.add_argument("--device", default="cpu")
 
 
@@ -142,6 +195,42 @@ def build_parser() -> argparse.ArgumentParser:
     _add_detector_args(ev)
     ev.set_defaults(func=_cmd_eval)
 
+    tr = sub.add_parser("train", help="train the guided MoE filter on synthetic anomalies of the train images")
+    tr.add_argument("--data", nargs="+", required=True, help="dataset root(s) in MVTec layout (as for build-db)")
+    tr.add_argument("--db", required=True, help="database file written by build-db")
+    tr.add_argument("--out", required=True, help="run folder: last.pt every epoch, best.pt on held-out improvement")
+    tr.add_argument("--epochs", type=int, default=100)
+    tr.add_argument("--batch-size", type=int, default=16)
+    tr.add_argument("--lr", type=float, default=1e-4)
+    tr.add_argument("--k", type=int, default=150, help="neighbours per token = the filter's cost-volume depth")
+    tr.add_argument("--nprobe", type=int, default=5)
+    tr.add_argument("--mode", choices=["hierarchical", "flat"], default="hierarchical")
+    tr.add_argument("--val-fraction", type=float, default=0.1, help="held-out share of the train images per class")
+    tr.add_argument("--dense-router-epoch", type=int, default=0, help="epoch from which router 2 weights the experts")
+    tr.add_argument("--texture-dir", default=None, help="DTD images/ folder for texture anomalies")
+    tr.add_argument(
+        "--foreground",
+        nargs="*",
+        default=None,
+        help="'auto' (the authors' per-class Otsu modes) or CLASS=dark|bright ...",
+    )
+    tr.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    tr.add_argument("--device", default="cpu")
+    tr.set_defaults(func=_cmd_train)
+
+    de = sub.add_parser("demo", help="the whole pipeline on the embedded dataset (minutes on a CPU)")
+    de.add_argument("--out", default="raid_fast_demo", help="folder for the data, database, checkpoints and PNGs")
+    de.add_argument("--epochs", type=int, default=20)
+    de.add_argument("--image-size", type=int, default=256)
+    de.add_argument("--k", type=int, default=150)
+    de.add_argument("--nprobe", type=int, default=5)
+    de.add_argument("--examples", type=int, default=3, help="test images per class drawn as PNG panels")
+    de.add_argument("--seed", type=int, default=0)
+    de.add_argument("--device", default="cpu")
+    de.set_defaults(func=_cmd_demo)
+
     pr = sub.add_parser("predict", help="anomaly scores and PNG overlays for images")
     pr.add_argument("images", nargs="+", help="image files")
     pr.add_argument("--out", required=True, help="folder for the overlay PNGs")
@@ -152,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("train", "demo", "build-db", "eval"):
+        # the INFO lines of the dispatcher and the training loop are the progress a user wants here
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
     return args.func(args)
 
 

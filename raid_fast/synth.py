@@ -49,6 +49,7 @@ from raid_fast import _checks
 
 __all__ = [
     "AUGMENTATIONS",
+    "FOREGROUND_MODES",
     "AnomalySynthesizer",
     "augment",
     "foreground_mask",
@@ -56,6 +57,29 @@ __all__ = [
     "perlin_noise",
     "structure_source",
 ]
+
+# The authors' per-class restriction of synthetic anomalies to the Otsu foreground (MVTec-AD and
+# VisA class names); classes not listed (textures, cable, transistor, capsules, pcb1-4) use the
+# whole image.
+FOREGROUND_MODES: dict[str, str] = {
+    **dict.fromkeys(("screw", "bottle", "capsule", "zipper"), "dark"),
+    **dict.fromkeys(
+        (
+            "hazelnut",
+            "pill",
+            "metal_nut",
+            "toothbrush",
+            "candle",
+            "cashew",
+            "chewinggum",
+            "fryum",
+            "macaroni1",
+            "macaroni2",
+            "pipe_fryum",
+        ),
+        "bright",
+    ),
+}
 
 TEXTURE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 

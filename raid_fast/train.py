@@ -72,6 +72,9 @@ class TrainConfig:
         log_every: steps between log lines.
         p_normal: probability that a training sample stays normal (0.5).
         texture_dir: optional DTD ``images/`` folder for the texture anomaly source.
+        foreground: optional ``{database class id: "dark" | "bright"}``: synthetic anomalies of
+            that class's images stay inside the Otsu foreground (the authors' per-class rule, see
+            :data:`raid_fast.synth.FOREGROUND_MODES`); classes not listed use the whole image.
         device: device of the filter and the training tensors; None = the database's device.
     """
 
@@ -92,6 +95,7 @@ class TrainConfig:
     log_every: int = 50
     p_normal: float = 0.5
     texture_dir: Optional[str] = None
+    foreground: Optional[dict] = None
     device: Optional[str] = None
 
     def __post_init__(self) -> None:
@@ -118,6 +122,15 @@ class TrainConfig:
         if self.texture_dir is not None:
             self.texture_dir = str(self.texture_dir)
         self.amp = bool(self.amp)
+        if self.foreground is not None:
+            if not isinstance(self.foreground, dict):
+                msg = f"foreground must be a dict {{class id: 'dark' | 'bright'}}, got {type(self.foreground).__name__}"
+                raise TypeError(msg)
+            fg = {}
+            for cls, mode in self.foreground.items():
+                _checks.check_choice(f"foreground[{cls!r}]", mode, ("dark", "bright"))
+                fg[_checks.check_int("foreground class id", cls, 0)] = mode
+            self.foreground = fg
 
 
 def _float(name: str, value: Any, low=None, high=None, low_open=False, high_open=False) -> float:
@@ -162,15 +175,20 @@ def split_train_val(class_ids: torch.Tensor, val_fraction: float, seed: int) -> 
 
 
 def synthesize(
-    synth: AnomalySynthesizer, images: torch.Tensor, keys: list[list[int]]
+    synth: AnomalySynthesizer,
+    images: torch.Tensor,
+    keys: list[list[int]],
+    foreground: Optional[list[Optional[str]]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Synthetic anomalies of ``images [B, 3, H, W]``; sample b draws from ``default_rng(keys[b])``.
 
-    Returns ``(images [B, 3, H, W], masks [B, H, W])`` on the input's device.
+    ``foreground[b]`` (``"dark"``, ``"bright"`` or None) restricts sample b's mask to its Otsu
+    foreground. Returns ``(images [B, 3, H, W], masks [B, H, W])`` on the input's device.
     """
     out, masks = [], []
-    for img, key in zip(images, keys):
-        a, m = synth(img, np.random.default_rng(key))
+    fgs = foreground if foreground is not None else [None] * len(keys)
+    for img, key, fg in zip(images, keys, fgs):
+        a, m = synth(img, np.random.default_rng(key), foreground=fg)
         out.append(a)
         masks.append(m)
     return torch.stack(out), torch.stack(masks).to(images.dtype)
@@ -378,7 +396,7 @@ def train(
         ``"best_epoch"`` and ``"best_metric"`` (None without a held-out split).
     """
     if not isinstance(config, TrainConfig):
-        msg = f"config must be a raid_fast.train.TrainConfig, got {type(config).__name__}"
+        msg = f"config must be a raid_fast.TrainConfig, got {type(config).__name__}"
         raise TypeError(msg)
     images, image_ids, class_ids = _check_inputs(db, images, image_ids, class_ids, config)
     device = torch.device(config.device) if config.device is not None else db.device
@@ -400,13 +418,21 @@ def train(
     det = Detector(backbone, db, filter=None, k=config.k, nprobe=config.nprobe, mode=config.mode)
 
     tr_idx, va_idx = split_train_val(class_ids, config.val_fraction, config.seed)
+    fg_classes = config.foreground or {}
+    if any(c >= db.n_classes for c in fg_classes):
+        msg = f"config.foreground must name database class ids in [0, {db.n_classes}), got {sorted(fg_classes)}"
+        raise ValueError(msg)
+
+    def fg_of(idx: torch.Tensor) -> Optional[list[Optional[str]]]:
+        return [fg_classes.get(int(class_ids[i])) for i in idx] if fg_classes else None
+
     synth = AnomalySynthesizer(p_normal=config.p_normal, texture_dir=config.texture_dir, seed=config.seed)
     val = None
     if va_idx.numel() > 0:
         # held-out set: each image clean (zero mask) plus one synthetic anomaly of it, fixed seed
         vs = AnomalySynthesizer(p_normal=0.0, texture_dir=config.texture_dir, seed=config.seed)
         clean = images[va_idx]
-        bad, bad_masks = synthesize(vs, clean, [[config.seed, VAL_SEED_OFFSET, int(i)] for i in va_idx])
+        bad, bad_masks = synthesize(vs, clean, [[config.seed, VAL_SEED_OFFSET, int(i)] for i in va_idx], fg_of(va_idx))
         val = (
             torch.cat([clean, bad]),
             torch.cat([torch.zeros_like(bad_masks), bad_masks]),
@@ -431,7 +457,7 @@ def train(
         bar = _progress(batches, progress, f"epoch {epoch + 1}/{config.epochs}")
         total, count = 0.0, 0
         for idx in bar:
-            x, y = synthesize(synth, images[idx], [[config.seed, epoch, int(i)] for i in idx])
+            x, y = synthesize(synth, images[idx], [[config.seed, epoch, int(i)] for i in idx], fg_of(idx))
             x, y = x.to(device), y.to(device)
             m_up, aux, _ = forward_batch(
                 det, filter, x, image_ids[idx].to(device), class_ids[idx].to(device), dense, config.amp
@@ -461,7 +487,13 @@ def train(
             if improved:
                 history["best_epoch"], history["best_metric"] = epoch + 1, value
         history["epochs"].append(record)
-        log.info("epoch %d: %s", epoch + 1, record)
+        val_text = (
+            f", held-out loss {record['val_loss']:.5f}, P-AUROC {record['val_p_auroc']:.4f}"
+            f"{' (best)' if improved else ''}"
+            if "val_loss" in record
+            else ""
+        )
+        log.info("epoch %d/%d: train loss %.5f%s", epoch + 1, config.epochs, record["train_loss"], val_text)
         if out_dir is not None:
             state = {
                 "model": filter.state_dict(),

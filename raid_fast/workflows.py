@@ -88,60 +88,216 @@ def build_database(
             "weights": weights,
             "image_size": image_size,
             "class_names": list(train.classes),
-            "template_paths": [str(train.samples[i].path) for i in indices],
+            # resolved, so that training finds its templates from any working directory
+            "template_paths": [_resolved(train.samples[i].path) for i in indices],
         }
     )
     db.save(out)
     return db
 
 
-def detector_from_database(db_path: os.PathLike, device: str = "cpu", filter_path: Optional[str] = None, **kwargs: Any):
-    """Loads a database and the backbone it was built with (and a trained filter) into a Detector."""
-    db = TokenDatabase.load(db_path, device=device)
-    p = db.params
-    if "backbone" not in p:
-        msg = f"{db_path!r} does not record its backbone; build it with `raid-fast build-db`"
-        raise ValueError(msg)
-    bb = load_backbone(p["backbone"], weights=p.get("weights"), device=device, image_size=p["image_size"])
-    flt = None
-    if filter_path is not None:
-        from raid_fast.models import GuidedMoEFilter
+def database_class_names(db: TokenDatabase) -> list[Optional[str]]:
+    """Dataset class name of each database class; None for all of them in a label-free database."""
+    names = db.params.get("class_names")
+    if names is None or db.params.get("mode") != "labels":
+        return [None] * db.n_classes
+    return [names[int(lab)] for lab in db.params["class_labels"]]
 
-        ckpt = torch.load(filter_path, map_location=device, weights_only=False)
-        flt = GuidedMoEFilter(**ckpt.get("model_args", {"dim": db.dim, "k": kwargs.get("k", 150)})).to(device)
-        flt.load_state_dict(ckpt["model"])
-        kwargs["k"] = flt.k
-    return Detector(bb, db, filter=flt, **kwargs), db
+
+def _resolved(path: os.PathLike) -> str:
+    return str(Path(path).resolve())
+
+
+def training_set(
+    roots: Sequence[os.PathLike],
+    db: TokenDatabase,
+    backbone,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The train split(s) as training queries of the filter.
+
+    Returns ``images [N, 3, H, W]`` (CPU, the database's image size), ``image_ids [N]`` (the
+    template id of each image in ``db``, so that training excludes it from its own retrieval; -1
+    for an image that is not a template) and ``class_ids [N]`` (the database class: the template's,
+    the class of the same name in a labelled database, or the CLS routing in a label-free one).
+    """
+    from raid_fast.data import load_datasets
+
+    size = db.params["image_size"]
+    train = load_datasets(list(roots), split="train", image_size=size)
+    templates = {_resolved(p): i for i, p in enumerate(db.params.get("template_paths", []))}
+    image_ids = torch.tensor([templates.get(_resolved(s.path), -1) for s in train.samples], dtype=torch.int64)
+    if templates and not bool((image_ids >= 0).any()):
+        logger.warning("raid_fast: none of the training images is a template of the database; is --data the same?")
+    images = torch.stack([train[i]["image"] for i in range(len(train))])  # [N, 3, H, W]
+    class_ids = torch.full((len(train),), -1, dtype=torch.int64)
+    in_db = image_ids >= 0
+    class_ids[in_db] = db.image_class.cpu()[image_ids[in_db]]
+    rest = torch.nonzero(~in_db).flatten()
+    if rest.numel() > 0:
+        names = database_class_names(db)
+        if names[0] is not None:
+            by_name = {n: c for c, n in enumerate(names)}
+            for i in rest.tolist():
+                name = train.classes[int(train.class_ids[i])]
+                if name not in by_name:
+                    msg = f"training image {train.samples[i].path} is of class {name!r}, which the database lacks (classes: {names})"
+                    raise ValueError(msg)
+                class_ids[i] = by_name[name]
+        else:
+            _, cls, _ = encode(backbone, train, rest.tolist(), batch_size, progress, desc="route")
+            class_ids[rest] = db.classify(cls.to(db.device)).cpu()
+    return images, image_ids, class_ids
+
+
+def foreground_modes(db: TokenDatabase, spec: Optional[Sequence[str]]) -> Optional[dict[int, str]]:
+    """``{database class id: "dark" | "bright"}`` from ``["auto"]`` (the authors' per-class modes
+    of :data:`raid_fast.synth.FOREGROUND_MODES`) or ``["<class>=dark", ...]``; None for no spec."""
+    from raid_fast.synth import FOREGROUND_MODES
+
+    if not spec:
+        return None
+    names = database_class_names(db)
+    if names[0] is None:
+        msg = "foreground modes need a labelled database (class names); this one is label-free"
+        raise ValueError(msg)
+    if list(spec) == ["auto"]:
+        modes = {
+            c: FOREGROUND_MODES[n.split("/")[-1]] for c, n in enumerate(names) if n.split("/")[-1] in FOREGROUND_MODES
+        }
+        return modes or None
+    by_name = {n: c for c, n in enumerate(names)}
+    modes = {}
+    for item in spec:
+        name, sep, mode = str(item).partition("=")
+        if not sep or name not in by_name or mode not in ("dark", "bright"):
+            msg = (
+                f"foreground must be 'auto' or '<class>=dark|bright' with a class of the database {names}, got {item!r}"
+            )
+            raise ValueError(msg)
+        modes[by_name[name]] = mode
+    return modes
+
+
+def train_filter(
+    roots: Sequence[os.PathLike],
+    db_path: os.PathLike,
+    config,
+    resume: bool = False,
+    progress: bool = True,
+    device: str = "cpu",
+):
+    """Trains the guided MoE filter on the train split(s) with the database at ``db_path``.
+
+    ``config`` is a :class:`raid_fast.TrainConfig`; its image size is set to the database's and its
+    ``out_dir`` receives ``last.pt`` / ``best.pt``. Returns ``(filter, history)``.
+    """
+    from raid_fast.train import train
+
+    db = TokenDatabase.load(db_path, device=device)
+    p = _recorded_params(db, db_path)
+    bb = load_backbone(p["backbone"], weights=p.get("weights"), device=device, image_size=p["image_size"])
+    images, image_ids, class_ids = training_set(roots, db, bb, progress=progress)
+    config.image_size = p["image_size"]
+    config.device = device
+    return train(config, bb, db, images, image_ids, class_ids, resume=resume, progress=progress)
+
+
+def _recorded_params(db: TokenDatabase, db_path: os.PathLike) -> dict:
+    if "backbone" not in db.params or "image_size" not in db.params:
+        msg = f"{str(db_path)!r} does not record its backbone; build it with `raid-fast build-db`"
+        raise ValueError(msg)
+    return db.params
+
+
+def load_filter(path: os.PathLike, device: str = "cpu"):
+    """``(GuidedMoEFilter, training config dict)`` from a checkpoint written by training."""
+    from raid_fast.train import load_checkpoint
+
+    path = Path(path)
+    if not path.is_file():
+        msg = f"filter checkpoint not found: {str(path)!r}"
+        raise FileNotFoundError(msg)
+    try:
+        filt, ckpt = load_checkpoint(path, map_location=device)
+    except (KeyError, TypeError, RuntimeError, EOFError) as exc:
+        msg = f"{str(path)!r} is not a filter checkpoint written by `raid-fast train` ({type(exc).__name__}: {exc})"
+        raise ValueError(msg) from exc
+    return filt.to(device).eval(), ckpt.get("config", {})
+
+
+def detector_from_database(
+    db_path: os.PathLike,
+    device: str = "cpu",
+    filter_path: Optional[os.PathLike] = None,
+    k: Optional[int] = None,
+    nprobe: Optional[int] = None,
+    mode: Optional[str] = None,
+    **kwargs: Any,
+):
+    """Loads a database, the backbone it was built with and optionally a trained filter.
+
+    With a filter, ``k`` is the filter's depth and ``nprobe``/``mode`` default to its training
+    configuration; without one, to 150 / 5 / ``"hierarchical"``. Returns ``(Detector, db)``.
+    """
+    db = TokenDatabase.load(db_path, device=device)
+    p = _recorded_params(db, db_path)
+    bb = load_backbone(p["backbone"], weights=p.get("weights"), device=device, image_size=p["image_size"])
+    flt, cfg = None, {}
+    if filter_path is not None:
+        flt, cfg = load_filter(filter_path, device)
+        if flt.dim != db.dim:
+            msg = f"filter {str(filter_path)!r} was trained on D={flt.dim} tokens, the database holds D={db.dim}"
+            raise ValueError(msg)
+        if k is not None and k != flt.k:
+            msg = f"k must equal the filter's cost-volume depth {flt.k}, got k={k}"
+            raise ValueError(msg)
+        k = flt.k
+    k = k if k is not None else 150
+    nprobe = nprobe if nprobe is not None else cfg.get("nprobe", 5)
+    mode = mode if mode is not None else cfg.get("mode", "hierarchical")
+    return Detector(bb, db, filter=flt, k=k, nprobe=nprobe, mode=mode, **kwargs), db
+
+
+def predict_dataset(detector: Detector, dataset, batch_size: int = 8, progress: bool = True, desc: str = "predict"):
+    """Scores [N], pixel maps [N, H, W] and masks [N, H, W] of every image of a dataset (CPU)."""
+    from tqdm.auto import tqdm
+
+    scores, maps, masks = [], [], []
+    for chunk in tqdm(
+        list(_batches(list(range(len(dataset))), batch_size)), desc=desc, unit="batch", disable=not progress
+    ):
+        items = [dataset[i] for i in chunk]
+        out = detector.predict(torch.stack([it["image"] for it in items]))
+        scores.append(out.score.cpu())
+        maps.append(out.pixel_map.cpu())
+        masks.append(torch.stack([it["mask"][0] for it in items]))
+    return torch.cat(scores), torch.cat(maps), torch.cat(masks)
+
+
+def dataset_metrics(
+    dataset, scores: torch.Tensor, maps: torch.Tensor, masks: torch.Tensor
+) -> dict[str, dict[str, float]]:
+    """Per-class metrics (and their mean) of predictions on a dataset's test split."""
+    from raid_fast.metrics import evaluate_per_class
+
+    classes = [dataset.classes[c] for c in np.asarray(dataset.class_ids)]
+    return evaluate_per_class(scores, torch.as_tensor(np.asarray(dataset.labels)), classes, maps, masks)
 
 
 def evaluate_dataset(
     detector: Detector,
     roots: Sequence[os.PathLike],
     image_size: int,
-    class_names: Optional[Sequence[str]] = None,
     batch_size: int = 8,
     progress: bool = True,
 ) -> dict[str, dict[str, float]]:
     """Per-class metrics (and their mean) of a detector on the test split(s)."""
-    from tqdm.auto import tqdm
-
     from raid_fast.data import load_datasets
-    from raid_fast.metrics import evaluate_per_class
 
     test = load_datasets(list(roots), split="test", image_size=image_size)
-    scores, maps, masks = [], [], []
-    for chunk in tqdm(
-        list(_batches(list(range(len(test))), batch_size)), desc="eval", unit="batch", disable=not progress
-    ):
-        items = [test[i] for i in chunk]
-        out = detector.predict(torch.stack([it["image"] for it in items]))
-        scores.append(out.score.cpu())
-        maps.append(out.pixel_map.cpu())
-        masks.append(torch.stack([it["mask"][0] for it in items]))
-    classes = [test.classes[c] for c in np.asarray(test.class_ids)]
-    return evaluate_per_class(
-        torch.cat(scores), torch.as_tensor(np.asarray(test.labels)), classes, torch.cat(maps), torch.cat(masks)
-    )
+    return dataset_metrics(test, *predict_dataset(detector, test, batch_size, progress, desc="eval"))
 
 
 def format_table(results: dict[str, dict[str, float]]) -> str:
@@ -151,6 +307,20 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
     lines = [f"{'class':<{width}}" + "".join(f"{n:>9}" for n in names)]
     for cls, row in results.items():
         lines.append(f"{cls:<{width}}" + "".join(f"{100 * row[n]:9.1f}" for n in names))
+    return "\n".join(lines)
+
+
+def format_comparison(results: dict[str, dict[str, dict[str, float]]]) -> str:
+    """One table of several settings (``{setting: per-class metrics}``): a row per class and setting, in percent."""
+    first = next(iter(results.values()))
+    names = list(next(iter(first.values())).keys())
+    cw = max(len(c) for c in first) + 2
+    sw = max(len(s) for s in results) + 2
+    lines = [f"{'class':<{cw}}{'setting':<{sw}}" + "".join(f"{n:>9}" for n in names)]
+    for cls in first:
+        for setting, per_class in results.items():
+            row = per_class[cls]
+            lines.append(f"{cls:<{cw}}{setting:<{sw}}" + "".join(f"{100 * row[n]:9.1f}" for n in names))
     return "\n".join(lines)
 
 
@@ -204,3 +374,48 @@ def write_overlays(
         Image.fromarray(panel).save(path)
         paths.append(path)
     return paths
+
+
+def _label(panel: np.ndarray, text: str) -> np.ndarray:
+    """``panel`` [H, W, 3] uint8 with a caption bar of ``text`` on top."""
+    from PIL import Image, ImageDraw
+
+    bar = Image.new("RGB", (panel.shape[1], 18), (255, 255, 255))
+    ImageDraw.Draw(bar).text((4, 3), text, fill=(0, 0, 0))
+    return np.concatenate([np.asarray(bar), panel], axis=0)
+
+
+def comparison_row(
+    image: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    maps: dict[str, torch.Tensor],
+    ranges: dict[str, tuple[float, float]],
+    scores: Optional[dict[str, float]] = None,
+) -> np.ndarray:
+    """One row [H + 18, (2 + len(maps)) * W, 3] uint8: the image, its ground truth (red), and each
+    setting's anomaly map blended over the image on that setting's colour range ``(lo, hi)``."""
+    rgb = (image.permute(1, 2, 0).clamp(0, 1).cpu().numpy() * 255).astype(np.float32)  # [H, W, 3]
+    cells = [_label(rgb.astype(np.uint8), "image")]
+    truth = rgb.copy()
+    if mask is not None:
+        m = mask.cpu().numpy() > 0.5
+        truth[m] = 0.4 * truth[m] + 0.6 * np.array([255.0, 0.0, 0.0])
+    cells.append(_label(truth.astype(np.uint8), "ground truth"))
+    for name, amap in maps.items():
+        lo, hi = ranges[name]
+        heat = heat_colors((amap.cpu().numpy() - lo) / max(hi - lo, 1e-12)).astype(np.float32)
+        caption = name if scores is None else f"{name}: {scores[name]:.3f}"
+        cells.append(_label((0.5 * rgb + 0.5 * heat).astype(np.uint8), caption))
+    return np.concatenate(cells, axis=1)
+
+
+def write_png(array: np.ndarray, path: os.PathLike) -> Path:
+    """Writes [H, W, 3] uint8 as PNG atomically (temporary file, then rename); returns the path."""
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
+    Image.fromarray(array).save(tmp)
+    os.replace(tmp, path)
+    return path

@@ -1,12 +1,15 @@
 """Training loop of the guided MoE filter: steps, leave-one-out, checkpoints, resume, selection, config."""
 
+import importlib
+
 import pytest
 import torch
 
 import raid_fast as rf
-import raid_fast.train as rt
 from raid_fast.models import GuidedMoEFilter, total_loss
 from raid_fast.synth import AnomalySynthesizer
+
+rt = importlib.import_module("raid_fast.train")  # raid_fast.train, the attribute, is the function
 
 
 class ToyBackbone:
@@ -194,3 +197,37 @@ def test_train_input_errors(tmp_path):
         rt.train(cfg(image_size=64), bb, db, images, ids, progress=False)
     with pytest.raises(FileNotFoundError, match="resume=True needs a checkpoint"):
         rt.train(cfg(tmp_path), bb, db, images, ids, resume=True, progress=False)
+
+
+def test_train_is_exported():
+    assert rf.train is rt.train and rf.TrainConfig is rt.TrainConfig
+
+
+def test_foreground_modes_reach_the_synthesizer(monkeypatch):
+    bb, db, images, ids = make_setup()
+    seen = []
+    real = AnomalySynthesizer.__call__
+
+    def spy(self, image, rng=None, foreground=None):
+        seen.append(foreground)
+        return real(self, image, rng, foreground)
+
+    monkeypatch.setattr(AnomalySynthesizer, "__call__", spy)
+    rt.train(cfg(epochs=1, foreground={1: "bright"}), bb, db, images, ids, filter=small_filter(), progress=False)
+    # per class 5 training images + 1 held-out anomaly; class 1 gets the bright foreground
+    assert seen.count("bright") == 6 and seen.count(None) == 6 and len(seen) == 12
+    with pytest.raises(ValueError, match=r"config.foreground must name database class ids in \[0, 2\), got \[5\]"):
+        rt.train(cfg(epochs=1, foreground={5: "dark"}), bb, db, images, ids, filter=small_filter(), progress=False)
+
+
+@pytest.mark.parametrize(
+    "fg, err, match",
+    [
+        ([1], TypeError, "foreground must be a dict"),
+        ({0: "grey"}, ValueError, r"foreground\[0\] must be one of \['dark', 'bright'\], got 'grey'"),
+        ({-1: "dark"}, ValueError, "foreground class id must be >= 0, got -1"),
+    ],
+)
+def test_foreground_config_errors(fg, err, match):
+    with pytest.raises(err, match=match):
+        rt.TrainConfig(foreground=fg)
