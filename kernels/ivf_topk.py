@@ -26,7 +26,6 @@ from raid_fast.kernels.cosine_topk import (
     MAX_TOKENS,
     SENTINEL,
     _merge_tile,
-    _pack_keys,
     _sim_tile,
     block_d,
     merge_partials,
@@ -91,8 +90,7 @@ def _ivf_topk_scan_kernel(
         if HAS_GROUP:
             b_grp = tl.load(grp_ptr + o_n, mask=m_n, other=-1)  # [BN]
             m_ok = m_ok & (b_grp[None, :] != b_excl[:, None])
-        b_keys = tl.where(m_ok, _pack_keys(b_sim, o_n[None, :]), SENTINEL)
-        b_top = _merge_tile(b_top, b_keys, LOG_K, LOG_BN, NATIVE_SORT)
+        b_top = _merge_tile(b_top, b_sim, o_n, m_ok, LOG_K, LOG_BN, NATIVE_SORT)
 
     o_k = tl.arange(0, K_PAD)
     p_part = part_ptr + b_pair[:, None] * K + o_k[None, :]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -23,8 +25,42 @@ def backend_params(op: str) -> list:
     return params
 
 
+def fast_backend_params(op: str, expected: tuple[str, ...] = ("cpp", "triton")) -> list:
+    """``backend_params(op)`` without the torch reference (what the others are checked against), the
+    triton ones marked ``triton``; a backend in ``expected`` that ``op`` lacks (triton not installed,
+    so nothing registered it) skips too, rather than vanishing from the report."""
+    params = []
+    for param in backend_params(op):
+        (name,) = param.values
+        if name == "torch":
+            continue
+        marks = [*param.marks, pytest.mark.triton] if name == "triton" else list(param.marks)
+        params.append(pytest.param(name, id=name, marks=marks))
+    registered = {param.id for param in params}
+    for name in expected:
+        if name not in registered:
+            reason = f"{name}: no {name} backend is registered for {op}"
+            marks = [pytest.mark.skip(reason=reason)] + ([pytest.mark.triton] if name == "triton" else [])
+            params.append(pytest.param(name, id=name, marks=marks))
+    return params
+
+
+def triton_interpreted() -> bool:
+    """Whether triton kernels run under the interpreter (tests/conftest.py sets it without a GPU)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_sort_networks() -> list[str]:
+    """The sort networks triton tests run with: compiled, tl.topk / tl.bitonic_merge ("native") and the
+    min/max one ("network"); interpreted only the network (tl.sort's xor_sum runs element by element there)."""
+    return ["network"] if triton_interpreted() else ["native", "network"]
+
+
 def device_of(backend: str) -> str:
-    return "cuda" if backend == "cuda" else "cpu"
+    # compiled triton kernels take CUDA tensors; interpreted ones take CPU tensors
+    if backend == "cuda" or (backend == "triton" and not triton_interpreted()):
+        return "cuda"
+    return "cpu"
 
 
 def assert_close_verbose(name: str, actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float) -> None:

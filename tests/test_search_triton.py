@@ -1,8 +1,9 @@
 """Triton backends of the search ops (cosine_topk, ivf_topk, ivf_topk_cost_volume, cost_volume)
-against raid_fast.ref.
+against raid_fast.ref: the cases of their own (chunking, the public op, K = 256, the fused cost volume,
+cost_volume, errors, registration); the cases every fast backend runs are in test_search_backends.py.
 
 On CPU this runs under the Triton interpreter, which must be switched on before triton is imported:
-``TRITON_INTERPRET=1 python -m pytest -m triton tests/test_search_ops.py`` (small shapes: the
+``TRITON_INTERPRET=1 python -m pytest -m triton tests/test_search_triton.py`` (small shapes: the
 interpreter is slow). On a GPU machine without TRITON_INTERPRET the kernels run compiled, on CUDA
 tensors, with both sort networks (tl.topk / tl.bitonic_merge and the min/max one).
 """
@@ -10,7 +11,6 @@ tensors, with both sort networks (tl.topk / tl.bitonic_merge and the min/max one
 from __future__ import annotations
 
 import functools
-import os
 
 import pytest
 import torch
@@ -23,13 +23,13 @@ from raid_fast.ref.ivf_search import ivf_topk_ref
 from raid_fast.ref.similarity import cosine_topk_ref
 
 from . import utils
-from .utils import assert_close_verbose, assert_topk_matches, ivf_admissible, strided
+from .utils import assert_close_verbose, assert_topk_matches, ivf_admissible
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+INTERPRET = utils.triton_interpreted()
 if not INTERPRET and not torch.cuda.is_available():
     pytest.skip(
         "triton kernels need a CUDA GPU, or TRITON_INTERPRET=1 set before triton is imported "
-        "(TRITON_INTERPRET=1 python -m pytest -m triton tests/test_search_ops.py)",
+        "(TRITON_INTERPRET=1 python -m pytest -m triton tests/test_search_triton.py)",
         allow_module_level=True,
     )
 kernels = pytest.importorskip("raid_fast.kernels")
@@ -42,7 +42,7 @@ from raid_fast.kernels.ivf_topk import ivf_topk_cost_volume_triton  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
-DEVICE = "cpu" if INTERPRET else "cuda"
+DEVICE = utils.device_of("triton")
 unit = functools.partial(utils.unit, device=DEVICE)
 cosine_admissible = functools.partial(utils.cosine_admissible, device=DEVICE)
 make_lists = functools.partial(utils.make_lists, device=DEVICE)
@@ -60,71 +60,17 @@ def check_cosine(queries, tokens, k, lo=None, hi=None, token_group=None, exclude
 ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True, params=["network"] if INTERPRET else ["native", "network"])
+@pytest.fixture(autouse=True, params=utils.triton_sort_networks())
 def sort_impl(request, monkeypatch):
-    """Compiled kernels run with tl.topk / tl.bitonic_merge and with the min/max network; the
-    interpreter only with the network (tl.sort's xor_sum runs element by element there)."""
+    """Each case once per sort network of ``utils.triton_sort_networks`` (two compiled, one interpreted)."""
     monkeypatch.setattr(cosine_topk_module, "NATIVE_SORT", request.param == "native")
     return request.param
-
-
-@pytest.mark.parametrize(
-    "m, n, d, k",
-    [
-        (1, 70, 60, 7),
-        (37, 200, 60, 7),
-        (5, 20, 32, 30),
-        (3, 1, 16, 4),
-        (9, 600, 48, 150),
-        (3, 300, 24, 256),
-        (2, 700, 16, 512),
-    ],
-    ids=lambda v: str(v),
-)
-def test_cosine_topk_matches_ref(m, n, d, k):
-    check_cosine(unit(m, d), unit(n, d), k)
 
 
 @pytest.mark.parametrize("n_chunks", [1, 3, 50])
 def test_cosine_topk_chunking(n_chunks):
     # the split of the token axis changes the partial lists the merge sees, never the result
     check_cosine(unit(33, 40), unit(450, 40), 20, n_chunks=n_chunks)
-
-
-def test_cosine_topk_ranges_and_groups():
-    m, n = 34, 260
-    q, t = unit(m, 60), unit(n, 60)
-    lo = torch.randint(0, n // 2, (m,), device=DEVICE)
-    hi = lo + torch.randint(0, n // 2, (m,), device=DEVICE)
-    hi[0] = lo[0]  # an empty range: nothing admissible
-    hi[1] = lo[1] + 3  # fewer tokens than K
-    group = torch.randint(0, 5, (n,), device=DEVICE)
-    exclude = torch.randint(-1, 5, (m,), device=DEVICE)
-    exclude[2] = -1
-    dist, idx = check_cosine(q, t, 9, lo, hi, group, exclude)
-    assert bool((idx[0] == -1).all())
-    check_cosine(q, t, 9, lo, hi)
-    check_cosine(q, t, 9, None, None, group, exclude)
-
-
-def test_cosine_topk_exact_ties():
-    t = unit(40, 16)
-    tokens = torch.cat([t, t[:25], t[:10]])  # exact duplicates: groups of equal distances
-    check_cosine(unit(6, 16), tokens, 12)
-
-
-def test_cosine_topk_non_contiguous_inputs():
-    q = strided(unit(40, 60))  # [M, D] with strides (120, 2)
-    t = unit(150, 60).T.contiguous().T  # column-major [N, D]
-    assert not q.is_contiguous() and not t.is_contiguous()
-    check_cosine(q, t, 7)
-
-
-def test_cosine_topk_empty_inputs():
-    dist, idx = _dispatch.call("cosine_topk", unit(0, 8), unit(10, 8), 5, None, None, None, None, backend="triton")
-    assert dist.shape == (0, 5) and idx.shape == (0, 5)
-    dist, idx = _dispatch.call("cosine_topk", unit(3, 8), unit(0, 8), 5, None, None, None, None, backend="triton")
-    assert bool(torch.isinf(dist).all()) and bool((idx == -1).all())
 
 
 def test_cosine_topk_public_op():
@@ -143,59 +89,6 @@ def test_cosine_topk_errors():
     with pytest.raises(RuntimeError, match=r"exclude_group needs token_group"):
         excl = torch.zeros(2, dtype=torch.int64, device=DEVICE)
         _dispatch.call("cosine_topk", q, t, 3, None, None, None, excl, backend="triton")
-
-
-@pytest.mark.parametrize("k", [7, 150])
-def test_ivf_topk_matches_ref(k):
-    # an empty list, lists shorter than K, unused slots and one query with every slot unused
-    offsets, tokens = make_lists([30, 0, 70, 5, 100, 41, 64], 60)
-    m = 45
-    probes = random_probes(m, 7, 3)
-    probes[::4, 1] = -1
-    probes[5] = -1
-    dist, idx = check_ivf(unit(m, 60), probes, offsets, tokens, k)
-    assert bool((idx[5] == -1).all())
-
-
-def test_ivf_topk_many_queries_per_list():
-    # 90 (query, slot) pairs on each of 2 lists: several work items per list
-    offsets, tokens = make_lists([150, 90], 32)
-    probes = torch.stack([torch.zeros(90, dtype=torch.int64), torch.ones(90, dtype=torch.int64)], dim=1).to(DEVICE)
-    probes[::2] = probes[::2].flip(1)
-    check_ivf(unit(90, 32), probes, offsets, tokens, 16)
-
-
-def test_ivf_topk_one_list_and_no_probes():
-    offsets, tokens = make_lists([23], 20)
-    q = unit(4, 20)
-    check_ivf(q, torch.zeros(4, 1, dtype=torch.int64, device=DEVICE), offsets, tokens, 30)
-    dist, idx = check_ivf(q, torch.full((4, 2), -1, dtype=torch.int64, device=DEVICE), offsets, tokens, 5)
-    assert bool((idx == -1).all())
-    # P = 0 (the reference cannot take it: torch.topk of an empty row)
-    no_slots = torch.zeros(4, 0, dtype=torch.int64, device=DEVICE)
-    dist, idx = _dispatch.call("ivf_topk", q, no_slots, offsets, tokens, 5, None, None, backend="triton")
-    assert dist.shape == (4, 5) and bool((idx == -1).all()) and bool(torch.isinf(dist).all())
-    # only an empty list probed
-    offsets, tokens = make_lists([10, 0], 20)
-    check_ivf(q, torch.ones(4, 1, dtype=torch.int64, device=DEVICE), offsets, tokens, 5)
-
-
-def test_ivf_topk_groups():
-    offsets, tokens = make_lists([40, 33, 51], 24)
-    m = 20
-    group = torch.randint(0, 4, (tokens.shape[0],), device=DEVICE)
-    exclude = torch.randint(-1, 4, (m,), device=DEVICE)
-    check_ivf(unit(m, 24), random_probes(m, 3, 2), offsets, tokens, 12, group, exclude)
-
-
-def test_ivf_topk_non_contiguous_and_empty():
-    offsets, tokens = make_lists([25, 31, 18], 40)
-    q = strided(unit(12, 40))
-    probes = random_probes(12, 3, 2).T.contiguous().T  # column-major [M, P]
-    assert not q.is_contiguous() and not probes.is_contiguous()
-    check_ivf(q, probes, offsets, tokens, 10)
-    dist, idx = check_ivf(unit(0, 40), probes[:0], offsets, tokens, 10)
-    assert dist.shape == (0, 10)
 
 
 def test_ivf_topk_k256():
