@@ -231,3 +231,19 @@ def test_foreground_modes_reach_the_synthesizer(monkeypatch):
 def test_foreground_config_errors(fg, err, match):
     with pytest.raises(err, match=match):
         rt.TrainConfig(foreground=fg)
+
+
+@pytest.mark.cuda
+def test_amp_training_on_cuda(tmp_path):
+    """bf16 autocast on a GPU: finite losses, float32 weights, and a checkpoint that loads on the CPU."""
+    bb, db, images, ids = make_setup()
+    weight = bb.weight
+    bb.weight = weight.cuda()
+    db_gpu = db.to("cuda")
+    filt, hist = rt.train(
+        cfg(tmp_path, epochs=1, amp=True, device="cuda"), bb, db_gpu, images, ids, filter=small_filter(), progress=False
+    )
+    assert all(torch.isfinite(torch.tensor(hist["step_loss"])))
+    assert all(p.dtype == torch.float32 and p.is_cuda for p in filt.parameters())
+    loaded, _ = rt.load_checkpoint(tmp_path / "last.pt")
+    assert next(loaded.parameters()).device.type == "cpu"
