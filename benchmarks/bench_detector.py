@@ -55,12 +55,12 @@ def bench_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _time(benchmark, fn, device: str, extra: dict) -> None:
+def _time(benchmark, fn, device: str, rounds: int, extra: dict) -> None:
     def timed():
         fn()
         _bench.sync(device)
 
-    benchmark.pedantic(timed, rounds=3, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=1)
     benchmark.extra_info.update({**extra, "device": _bench.device_name(device)})
 
 
@@ -74,10 +74,12 @@ def test_cost_volume(benchmark, bench_size, bench_device):
     if not torch.equal(got, cost_volume_ref(dist, s.grid, s.grid)):
         msg = "correctness gate failed: cost_volume differs from the reference"
         raise AssertionError(msg)
-    _time(benchmark, lambda: rf.ops.cost_volume(dist, s.grid, s.grid), bench_device, asdict(s))
+    # microseconds per call: let pytest-benchmark calibrate many rounds instead of three
+    benchmark(lambda: (rf.ops.cost_volume(dist, s.grid, s.grid), _bench.sync(bench_device)))
+    benchmark.extra_info.update({**asdict(s), "device": _bench.device_name(bench_device)})
 
 
-def test_filter_forward(benchmark, bench_size, bench_device):
+def test_filter_forward(benchmark, bench_size, bench_rounds, bench_device):
     s = _size(bench_size)
     torch.manual_seed(0)
     filt = rf.GuidedMoEFilter(dim=s.dim, k=s.k).eval()
@@ -100,7 +102,13 @@ def test_filter_forward(benchmark, bench_size, bench_device):
         err = float((first.double().cpu() - ref).abs().max())
         msg = f"correctness gate failed: float32 filter differs from float64 by {err:.3g}"
         raise AssertionError(msg)
-    _time(benchmark, forward, bench_device, {**asdict(s), "params": sum(p.numel() for p in filt.parameters())})
+    _time(
+        benchmark,
+        forward,
+        bench_device,
+        bench_rounds,
+        {**asdict(s), "params": sum(p.numel() for p in filt.parameters())},
+    )
 
 
 def _detector_case(s: Size, device: str):
@@ -125,7 +133,7 @@ def _detector_case(s: Size, device: str):
 
 
 @pytest.mark.parametrize("with_filter", [False, True], ids=["retrieval_only", "filter"])
-def test_predict(benchmark, bench_size, bench_device, with_filter):
+def test_predict(benchmark, bench_size, bench_rounds, bench_device, with_filter):
     s = _size(bench_size)
     backbone, db, filt, images = _detector_case(s, bench_device)
     kw = {"filter": filt if with_filter else None, "k": s.k, "nprobe": 5}
@@ -135,4 +143,4 @@ def test_predict(benchmark, bench_size, bench_device, with_filter):
     if not torch.allclose(got.score_map, want.score_map, rtol=1e-4, atol=1e-4):
         msg = "correctness gate failed: predict differs from the torch reference backend"
         raise AssertionError(msg)
-    _time(benchmark, lambda: det.predict(images), bench_device, {**asdict(s), "filter": with_filter})
+    _time(benchmark, lambda: det.predict(images), bench_device, bench_rounds, {**asdict(s), "filter": with_filter})

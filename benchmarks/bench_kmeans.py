@@ -176,7 +176,7 @@ def bench_device() -> str:
 
 
 @pytest.mark.parametrize("provider", ["cuda", "cpp", "torch", "sklearn", "flash_kmeans"])
-def test_kmeans_fit(benchmark, bench_size, bench_device, provider):
+def test_kmeans_fit(benchmark, bench_size, bench_rounds, bench_device, provider):
     if provider not in providers(bench_device):
         pytest.skip(f"{provider} cannot run on {bench_device} here")
     w = WORKLOADS[bench_size]
@@ -189,7 +189,7 @@ def test_kmeans_fit(benchmark, bench_size, bench_device, provider):
         fn()
         _bench.sync(bench_device)
 
-    benchmark.pedantic(timed, rounds=3, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(timed, rounds=bench_rounds, iterations=1, warmup_rounds=1)
     benchmark.extra_info.update({**asdict(w), "inertia": inertia(), "device": _bench.device_name(bench_device)})
 
 

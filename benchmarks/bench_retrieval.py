@@ -203,7 +203,7 @@ def bench_device() -> str:
 
 
 @pytest.mark.parametrize("provider", ["hierarchical", "flat_single", "flat_multi", "faiss_ivf"])
-def test_retrieve(benchmark, bench_size, bench_device, provider):
+def test_retrieve(benchmark, bench_size, bench_rounds, bench_device, provider):
     if provider not in providers(bench_device):
         pytest.skip(f"{provider} cannot run on {bench_device} here")
     size = "mvtec256" if bench_size.startswith("full") else "small"
@@ -215,7 +215,7 @@ def test_retrieve(benchmark, bench_size, bench_device, provider):
         fn()
         _bench.sync(bench_device)
 
-    benchmark.pedantic(timed, rounds=3, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(timed, rounds=bench_rounds, iterations=1, warmup_rounds=1)
     benchmark.extra_info.update({**asdict(w), "device": _bench.device_name(bench_device)})
 
 
