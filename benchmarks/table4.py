@@ -425,7 +425,8 @@ def main(argv=None) -> int:
         "data": args.data or "embedded",
         "backbone_accuracy": args.backbone,
         "image_size_accuracy": args.image_size,
-        "filter": args.filter,
+        # the checkpoint's folder and name only: results files carry no machine paths
+        "filter": None if args.filter is None else "/".join(Path(args.filter).parts[-3:]),
         "title": (
             f"Table 4 on {_bench.device_name(args.device)}: efficiency at {scale} (random data), "
             f"accuracy on {args.data or 'the embedded dataset'} ({args.backbone} @ {args.image_size})"
