@@ -106,11 +106,17 @@ def measure(db, query, query_cls, s: Setting, device: str, rounds: int, modes=("
         def fn(mode=mode):
             res = rf.retrieve(query, db, query_cls=query_cls, k=s.k, nprobe=nprobe, mode=mode)
             res.cost_volume(s.grid, s.grid)
-            results[mode] = res.idx
+            results[mode] = res
 
         fns[mode] = fn
     times = _bench.time_interleaved(fns, device, rounds=rounds)
-    return {mode: (times[mode][0], recall(results[mode], exact)) for mode in modes}
+    for mode in modes:
+        # a wrong fast path must fail here instead of reporting a time
+        want = rf.retrieve(query, db, query_cls=query_cls, k=s.k, nprobe=nprobe, mode=mode, backend="torch")
+        if not torch.allclose(results[mode].dist, want.dist, atol=1e-4):
+            msg = f"correctness gate failed: {mode} retrieval differs from the torch reference"
+            raise AssertionError(msg)
+    return {mode: (times[mode][0], recall(results[mode].idx, exact)) for mode in modes}
 
 
 def real_feature_recall(nprobes: list[int], k: int, image_size: int = 256) -> list[tuple[int, float]]:

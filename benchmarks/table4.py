@@ -183,6 +183,20 @@ def measure_efficiency(row: Row, scale: Scale, db_path: str, device: str, rounds
     def predict():
         return det.predict(image, class_ids=class_ids)
 
+    # correctness before speed: the dispatched path must give the torch reference's cost volume
+    want = rf.retrieve(
+        tokens,
+        db,
+        query_cls=cls,
+        class_ids=class_ids,
+        k=row.k,
+        nprobe=scale.nprobe,
+        mode=row.retrieval,
+        backend="torch",
+    ).cost_volume(*grid)
+    if not torch.allclose(retrieval(), want, atol=1e-4):
+        msg = f"correctness gate failed: {row.name} retrieval differs from the torch reference"
+        raise AssertionError(msg)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     t_ret = _bench.time_fn(retrieval, device, rounds=rounds)

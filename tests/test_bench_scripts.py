@@ -84,3 +84,19 @@ def test_scaling_quick_run_and_plot(tmp_path):
     scaling.plot(rows, tmp_path / "s.png", "test", base)
     assert len(list(csv.DictReader((tmp_path / "s.csv").open()))) == len(rows)
     assert (tmp_path / "s.png").stat().st_size > 10_000
+
+
+def test_scaling_gate_fails_a_wrong_fast_path(monkeypatch):
+    base = scaling.Setting(dim=16, n_semantic=4, k=6, grid=3, classes=2, templates=2, modes=4)
+    db, q, qc = scaling.make_case(base)
+    real = rf.retrieve
+
+    def off_by_a_bit(*args, backend=None, **kw):
+        res = real(*args, backend=backend, **kw)
+        if backend is None:  # the dispatched (timed) path only; the reference stays right
+            res.dist = res.dist + 1e-2
+        return res
+
+    monkeypatch.setattr(rf, "retrieve", off_by_a_bit)
+    with pytest.raises(AssertionError, match="correctness gate failed: flat retrieval"):
+        scaling.measure(db, q, qc, base, "cpu", rounds=1)
