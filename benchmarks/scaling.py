@@ -77,18 +77,21 @@ def clustered_tokens(n_img: int, s: Setting, modes: torch.Tensor, gen: torch.Gen
     return F.normalize(x, dim=1).view(n_img, s.grid * s.grid, s.dim)
 
 
-def make_case(s: Setting, seed: int = 0):
-    """Database of ``s.classes`` x ``s.templates`` synthetic templates, and one query of class 0."""
+def make_case(s: Setting, seed: int = 0, device: str = "cpu"):
+    """Database of ``s.classes`` x ``s.templates`` synthetic templates, and one query of class 0, on
+    ``device`` (the data are drawn on the CPU, so every device sees the same tokens)."""
     gen = torch.Generator().manual_seed(seed)
     modes = torch.stack([class_modes(s, gen) for _ in range(s.classes)])  # [C, M, D]
     centres = torch.randn(s.classes, s.dim, generator=gen)
     patch = torch.cat([clustered_tokens(s.templates, s, modes[c], gen) for c in range(s.classes)])
     labels = torch.arange(s.classes).repeat_interleave(s.templates)
     cls = 4 * centres[labels] + torch.randn(labels.numel(), s.dim, generator=gen)
-    db = rf.TokenDatabase.build(patch, cls, labels=labels, n_semantic=s.n_semantic, kmeans_iters=10, seed=seed)
+    db = rf.TokenDatabase.build(
+        patch.to(device), cls.to(device), labels=labels, n_semantic=s.n_semantic, kmeans_iters=10, seed=seed
+    )
     query = clustered_tokens(1, s, modes[0], gen)
     query_cls = 4 * centres[:1] + torch.randn(1, s.dim, generator=gen)
-    return db, query, query_cls
+    return db, query.to(device), query_cls.to(device)
 
 
 def recall(idx: torch.Tensor, exact: torch.Tensor) -> float:
@@ -174,11 +177,11 @@ def run(sweeps: dict, device: str, rounds: int, base: Setting, with_real: bool =
         for x in sweeps[sweep]:
             s = replace(base, **{sweep: x})
             t0 = time.perf_counter()
-            db, q, qc = make_case(s)
+            db, q, qc = make_case(s, device=device)
             print(f"  built {db} in {time.perf_counter() - t0:.1f} s", flush=True)
             add(sweep, x, s, db, measure(db, q, qc, s, device, rounds))
             del db
-    db, q, qc = make_case(base)
+    db, q, qc = make_case(base, device=device)
     for x in sweeps["nprobe"]:
         s = replace(base, nprobe=min(x, base.n_semantic))
         modes = ("flat", "hierarchical") if x == sweeps["nprobe"][0] else ("hierarchical",)
