@@ -9,6 +9,7 @@ import csv
 import json
 import logging
 import os
+import pickle
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Optional
@@ -221,7 +222,7 @@ def load_filter(path: os.PathLike, device: str = "cpu"):
         raise FileNotFoundError(msg)
     try:
         filt, ckpt = load_checkpoint(path, map_location=device)
-    except (KeyError, TypeError, RuntimeError, EOFError) as exc:
+    except (KeyError, TypeError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
         msg = f"{str(path)!r} is not a filter checkpoint written by `raid-fast train` ({type(exc).__name__}: {exc})"
         raise ValueError(msg) from exc
     return filt.to(device).eval(), ckpt.get("config", {})

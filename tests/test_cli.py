@@ -121,6 +121,9 @@ def test_eval_and_predict_with_a_trained_filter(tiny_dataset, trained, tmp_path,
     torch.save({"weights": 1}, bogus)
     with pytest.raises(ValueError, match="is not a filter checkpoint"):
         cli.main(["eval", "--data", str(root), "--db", str(db), "--filter", str(bogus)])
+    bogus.write_text("not a checkpoint at all")
+    with pytest.raises(ValueError, match="is not a filter checkpoint"):
+        cli.main(["eval", "--data", str(root), "--db", str(db), "--filter", str(bogus)])
     with pytest.raises(FileNotFoundError, match="filter checkpoint not found"):
         cli.main(["eval", "--data", str(root), "--db", str(db), "--filter", str(tmp_path / "none.pt")])
 
