@@ -397,7 +397,9 @@ def write_results(eff: dict, acc: dict, info: dict, out_dir: str, device: str) -
             )
     paths = [_bench.write_rows(rows, out_dir, device)]
     md = Path(out_dir) / f"table4_{_bench.slug(_bench.device_name(device))}.md"
-    md.write_text(f"{info['title']}\n\n{format_table(eff, acc, device)}\n")
+    v = _bench.versions()
+    stamp = f"torch {v['torch']}, triton {v['triton']}, python {v['python']}, commit {_bench.git_commit()}, {rows[0]['timestamp'] if rows else ''}"
+    md.write_text(f"{info['title']}\n\n{stamp}\n\n{format_table(eff, acc, device)}\n")
     paths.append(md)
     return paths
 

@@ -61,6 +61,10 @@ def test_table4_efficiency_row_in_process(tmp_path):
     assert res["gflops_filter"] > 0 and res["gflops_backbone"] > 0
     table = table4.format_table({row.name: res}, {}, "cpu")
     assert "RAID Hier./multi" in table and "(0.062, " in table  # the paper's figure and the ratio beside ours
+    info = {"scale": "small", "data": "none", "title": "t"}
+    csv_path, md_path = table4.write_results({row.name: res}, {}, info, str(tmp_path), "cpu")
+    assert "torch " in md_path.read_text() and "RAID Hier./multi" in md_path.read_text()
+    assert len(list(csv.DictReader(csv_path.open()))) == 2  # predict and retrieval times
 
 
 def test_table4_accuracy_on_the_embedded_dataset():
