@@ -124,6 +124,20 @@ class TokenDatabase:
     def device(self) -> torch.device:
         return self.tokens.device
 
+    def probe_bias(self) -> tuple[torch.Tensor, int]:
+        """``(bias [C, S] float32 on the database's device, min_used)``: 0 for the prototype slots a
+        class uses and -inf for its empty ones (added to prototype scores, it keeps them out of the
+        top-P), and the smallest ``n_semantic``. Cached: retrieval needs it on every call, and
+        building it per call would cost a host-to-device copy and a few launches."""
+        key = (self.semantic_prototypes.data_ptr(), self.semantic_prototypes.device, self.n_semantic.data_ptr())
+        cached = self.__dict__.get("_probe_bias")
+        if cached is None or cached[0] != key:
+            used = torch.arange(self.s_max)[None, :] < self.n_semantic.cpu()[:, None]  # [C, S]
+            bias = torch.zeros(used.shape).masked_fill_(~used, float("-inf")).to(self.device)
+            cached = (key, bias, int(self.n_semantic.min()) if self.n_classes else 0)
+            self.__dict__["_probe_bias"] = cached
+        return cached[1], cached[2]
+
     @property
     def class_offsets(self) -> torch.Tensor:
         """[C + 1] int64: class c owns tokens class_offsets[c] .. class_offsets[c+1]-1."""

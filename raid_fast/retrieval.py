@@ -129,15 +129,21 @@ def _exclude(exclude_images, b: int, n_pos: int, dev) -> Optional[torch.Tensor]:
 
 
 def _top_prototypes(q: torch.Tensor, db: TokenDatabase, class_ids: torch.Tensor, p: int):
-    """Top-P prototypes of each token's class: probes [B, L, P] global ids (-1 unused), values."""
-    sem = db.semantic_prototypes[class_ids]  # [B, S, D]
-    sims = torch.einsum("bld,bsd->bls", q, sem)  # [B, L, S]
-    n_sem = db.n_semantic.to(db.device)[class_ids]  # [B]
-    valid = torch.arange(db.s_max, device=db.device)[None, :] < n_sem[:, None]  # [B, S]
-    sims = sims.masked_fill(~valid[:, None, :], float("-inf"))
+    """Top-P prototypes of each token's class: probes [B, L, P] global ids (-1 unused), and the
+    top-1 prototype vectors [B, L, D]. Few ops on purpose: at batch 1 on a GPU, launches are the cost."""
+    bias, min_used = db.probe_bias()  # [C, S]
+    b, n_pos, dim = q.shape
+    # index_select rather than tensor[...] indexing: the same kernels, a fraction of the host time
+    sem = torch.index_select(db.semantic_prototypes, 0, class_ids)  # [B, S, D]
+    # empty prototype slots score -inf through the bias, so top-P never picks them over a real one
+    sims = torch.baddbmm(torch.index_select(bias, 0, class_ids).unsqueeze(1), q, sem.transpose(1, 2))  # [B, L, S]
     top, j = torch.topk(sims, p, dim=-1)  # [B, L, P]
-    probes = torch.where(torch.isinf(top), -1, class_ids[:, None, None] * db.s_max + j)
-    proto = torch.gather(sem, 1, j[..., 0].unsqueeze(-1).expand(-1, -1, db.dim))  # [B, L, D]
+    probes = j + (class_ids * db.s_max).view(b, 1, 1)
+    if p > min_used:  # a class with fewer than P prototypes: its surplus probes are -1
+        probes = probes.masked_fill(torch.isinf(top), -1)
+    # every class has at least one prototype, so the top-1 probe is always a real one
+    flat_protos = db.semantic_prototypes.reshape(-1, dim)  # [C * S, D]
+    proto = torch.index_select(flat_protos, 0, probes.select(-1, 0).reshape(-1)).view(b, n_pos, dim)
     return probes, proto
 
 

@@ -258,3 +258,24 @@ def test_matches_faiss_ivfflat_with_same_centroids_and_lists():
     ref_idx = torch.from_numpy(ids).unsqueeze(0)
     ref_dist = torch.where(ref_idx < 0, float("inf"), ref_dist)
     assert_topk_equal_up_to_ties(res.dist, res.idx, ref_dist, ref_idx, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", [p for p in backend_params("ivf_topk") if p.id != "cuda"])
+def test_hierarchical_with_a_class_of_fewer_prototypes_than_nprobe(backend):
+    gen = torch.Generator().manual_seed(5)
+    patch = torch.randn(5, 3, 16, generator=gen)
+    cls = torch.randn(5, 16, generator=gen)
+    labels = torch.tensor([0, 0, 0, 0, 1])  # class 1: one image of 3 tokens -> 3 prototypes
+    db = rf.TokenDatabase.build(patch, cls, labels=labels, n_semantic=6, kmeans_iters=3)
+    assert db.n_semantic.tolist() == [6, 3]
+    q = torch.randn(2, 4, 16, generator=gen)
+    ids = torch.tensor([1, 0])
+    res = rf.retrieve(q, db, class_ids=ids, k=5, nprobe=5, backend=backend)
+    ref_dist, ref_idx = brute_force(q, db, ids, 5, 5, "hierarchical")
+    assert_topk_equal_up_to_ties(res.dist, res.idx, ref_dist, ref_idx)
+    # the top-1 prototype is a real one of the image's class, whatever P
+    qn = F.normalize(q, dim=-1)
+    for i, c in enumerate(ids.tolist()):
+        sims = qn[i] @ db.semantic_prototypes[c, : int(db.n_semantic[c])].T
+        assert torch.equal(res.proto_idx[i], c * db.s_max + sims.argmax(dim=1))
+        assert torch.allclose(res.proto[i], db.semantic_prototypes[c][sims.argmax(dim=1)])
