@@ -5,6 +5,9 @@
 # committed under benchmarks/results/. Steps run in order of importance, each with its own time
 # cap, and a step that cannot finish before DEADLINE_S (default 570 s after the start) is skipped
 # and logged, so that a 10-minute device call always returns what was measured.
+#
+# DRY_RUN=1 runs the same steps on the CPU at small sizes without building (the installed package is
+# used): a rehearsal of the script's plumbing before a GPU session spends device time on it.
 set -uo pipefail
 out=${1:?usage: benchmarks/device_check.sh OUT_DIR}
 mkdir -p "$out"
@@ -13,6 +16,11 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
 deadline=$((SECONDS + ${DEADLINE_S:-570}))
 status=0
+if [ "${DRY_RUN:-0}" = 1 ]; then
+  dev=cpu km_all=small15 km_one=small ret_size=small t4_scale=small suite_size=small scaling_args=--quick
+else
+  dev=cuda km_all=full15 km_one=full ret_size=mvtec448 t4_scale=mvtec448 suite_size=full scaling_args=
+fi
 
 # run_step NAME CAP_S LOG COMMAND...: runs COMMAND under min(CAP_S, time left), tees to LOG
 run_step() {
@@ -40,33 +48,38 @@ run_step() {
 } 2>&1 | tee "$out/device.txt"
 
 # the working tree arrives without build outputs: build here, with CUDA required
-if ! RAID_FAST_FORCE_CUDA=1 python -m pip install --no-build-isolation --no-deps -e . >"$out/build.log" 2>&1; then
-  tail -50 "$out/build.log"
-  echo "device_check: the CUDA build failed (see build.log)"
-  exit 1
+if [ "$dev" = cuda ]; then
+  if ! RAID_FAST_FORCE_CUDA=1 python -m pip install --no-build-isolation --no-deps -e . >"$out/build.log" 2>&1; then
+    tail -50 "$out/build.log"
+    echo "device_check: the CUDA build failed (see build.log)"
+    exit 1
+  fi
+  grep "raid_fast build:" "$out/build.log" || true
 fi
-grep "raid_fast build:" "$out/build.log" || true
 python -m raid_fast.cli env --json >"$out/env.json" 2>&1 || status=1
-python - <<'PY' || exit 1
+if [ "$dev" = cuda ]; then
+  python - <<'PY' || exit 1
 import raid_fast._C as c
 assert c.cuda_compiled(), "extension built without CUDA"
 print("extension:", dict(c.build_info()))
 PY
+fi
 
 # correctness first: the cuda-marked tests, then the triton kernels compiled against the references
 run_step "cuda and triton tests" 150 pytest_cuda.log python -m pytest -m "cuda or triton" -q -p no:cacheprovider tests
 
-run_step "kmeans all classes" 60 bench_kmeans.log python -m benchmarks.bench_kmeans --size full15 --device cuda --out "$out"
+run_step "kmeans all classes" 60 bench_kmeans.log python -m benchmarks.bench_kmeans --size "$km_all" --device "$dev" --out "$out"
 for batch in 1 32; do
   run_step "retrieval batch $batch" 45 bench_retrieval.log \
-    python -m benchmarks.bench_retrieval --size mvtec448 --batch "$batch" --device cuda --out "$out"
+    python -m benchmarks.bench_retrieval --size "$ret_size" --batch "$batch" --device "$dev" --out "$out"
 done
-run_step "table 4" 100 table4.log python -m benchmarks.table4 --device cuda --rounds 5 --out "$out"
-run_step "regression suite (full)" 100 suite.log \
-  python -m pytest benchmarks --benchmark-only --bench-size full -q -p no:cacheprovider \
-  --benchmark-json "$out/suite_full.json"
-run_step "scaling sweeps" 100 scaling.log python -m benchmarks.scaling --device cuda --out "$out"
-run_step "kmeans one class" 40 bench_kmeans.log python -m benchmarks.bench_kmeans --size full --device cuda --out "$out"
+run_step "table 4" 100 table4.log python -m benchmarks.table4 --device "$dev" --scale "$t4_scale" --rounds 5 --out "$out"
+run_step "regression suite ($suite_size)" 100 suite.log \
+  python -m pytest benchmarks --benchmark-only --bench-size "$suite_size" -q -p no:cacheprovider \
+  --benchmark-json "$out/suite_$suite_size.json"
+# shellcheck disable=SC2086  # scaling_args is empty or one flag
+run_step "scaling sweeps" 100 scaling.log python -m benchmarks.scaling --device "$dev" $scaling_args --out "$out"
+run_step "kmeans one class" 40 bench_kmeans.log python -m benchmarks.bench_kmeans --size "$km_one" --device "$dev" --out "$out"
 
 echo "device_check: exit status $status after ${SECONDS}s"
 exit $status
