@@ -197,7 +197,9 @@ def run_demo(
         },
         "files": {"overlays": files, "overview": str(overview_path), "checkpoint": str(best), "database": str(db_path)},
     }
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    tmp = out / f".report.json.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(report, indent=2))
+    os.replace(tmp, out / "report.json")
     echo("")
     echo(table)
     echo(f"\ntotal {total:.1f} s; panels in {out / 'overlays'}, overview {overview_path}, report {out / 'report.json'}")

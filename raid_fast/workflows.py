@@ -326,18 +326,21 @@ def format_comparison(results: dict[str, dict[str, dict[str, float]]]) -> str:
 
 
 def write_results(results: dict[str, dict[str, float]], path: os.PathLike) -> None:
-    """Writes metrics as JSON (``.json``) or CSV (anything else)."""
+    """Writes metrics as JSON (``.json``) or CSV (anything else), atomically (temporary file, then
+    rename), so that an interrupted run never leaves half a results file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     if path.suffix == ".json":
-        path.write_text(json.dumps(results, indent=2))
-        return
-    names = list(next(iter(results.values())).keys())
-    with path.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["class", *names])
-        for cls, row in results.items():
-            writer.writerow([cls, *(f"{row[n]:.6f}" for n in names)])
+        tmp.write_text(json.dumps(results, indent=2))
+    else:
+        names = list(next(iter(results.values())).keys())
+        with tmp.open("w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["class", *names])
+            for cls, row in results.items():
+                writer.writerow([cls, *(f"{row[n]:.6f}" for n in names)])
+    os.replace(tmp, path)
 
 
 def heat_colors(values: np.ndarray) -> np.ndarray:
