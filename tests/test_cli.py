@@ -5,17 +5,12 @@ import json
 import pytest
 
 from raid_fast import cli
+from tests.utils import tiny_embedded_dataset
 
 
 @pytest.fixture(scope="module")
 def tiny_dataset(tmp_path_factory):
-    pytest.importorskip("skimage")
-    pytest.importorskip("timm")
-    from raid_fast.data import make_embedded_dataset
-
-    root = make_embedded_dataset(
-        tmp_path_factory.mktemp("data") / "embedded", image_size=64, n_train=6, n_test_good=2, n_test_bad=3
-    )
+    root = tiny_embedded_dataset(tmp_path_factory, n_train=6, n_test_good=2, n_test_bad=3)
     db = tmp_path_factory.mktemp("db") / "db.safetensors"
     assert cli.main(["build-db", "--data", str(root), "--out", str(db), "--image-size", "64", "--n-semantic", "8"]) == 0
     return root, db

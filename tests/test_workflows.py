@@ -8,17 +8,12 @@ import torch
 
 from raid_fast import TokenDatabase
 from raid_fast import workflows as wf
+from tests.utils import tiny_embedded_dataset
 
 
 @pytest.fixture(scope="module")
 def few_shot(tmp_path_factory):
-    pytest.importorskip("skimage")
-    pytest.importorskip("timm")
-    from raid_fast.data import make_embedded_dataset
-
-    root = make_embedded_dataset(
-        tmp_path_factory.mktemp("data") / "embedded", image_size=64, n_train=5, n_test_good=1, n_test_bad=1
-    )
+    root = tiny_embedded_dataset(tmp_path_factory, n_train=5, n_test_good=1, n_test_bad=1)
     path = tmp_path_factory.mktemp("db") / "db.safetensors"
     db = wf.build_database([root], path, image_size=64, shots=2, n_semantic=4, kmeans_iters=3, progress=False)
     return root, path, db

@@ -219,3 +219,13 @@ def check_ivf(backend, queries, probes, offsets, tokens, k, token_group=None, ex
     ok = ivf_admissible(probes, offsets, tokens.shape[0], token_group, exclude_group)
     assert_topk_matches(dist, idx, ref_dist, ref_idx, queries, tokens, ok)
     return dist, idx
+
+
+def tiny_embedded_dataset(tmp_path_factory, **sizes):
+    """The embedded dataset at 64 px with few images per split (``n_train``, ``n_test_good``,
+    ``n_test_bad``); skips without scikit-image (its textures) or timm (the backbone)."""
+    pytest.importorskip("skimage")
+    pytest.importorskip("timm")
+    from raid_fast.data import make_embedded_dataset
+
+    return make_embedded_dataset(tmp_path_factory.mktemp("data") / "embedded", image_size=64, **sizes)
