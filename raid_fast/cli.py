@@ -242,9 +242,21 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in ("train", "demo", "build-db", "eval"):
-        # the INFO lines of the dispatcher and the training loop are the progress a user wants here
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        _log_progress()
     return args.func(args)
+
+
+def _log_progress() -> None:
+    """Shows raid_fast's INFO lines (backend choices, one line per training epoch) on stderr; other
+    libraries' loggers are left alone. Idempotent: main() may run several times in one process."""
+    log = logging.getLogger("raid_fast")
+    if not any(getattr(h, "_raid_fast_cli", False) for h in log.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._raid_fast_cli = True
+        log.addHandler(handler)
+    if log.level == logging.NOTSET or log.level > logging.INFO:
+        log.setLevel(logging.INFO)
 
 
 if __name__ == "__main__":
