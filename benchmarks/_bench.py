@@ -136,6 +136,18 @@ def time_interleaved(
     return out
 
 
+def pedantic(benchmark, fn: Callable[[], object], device: str, rounds: int, extra: dict) -> None:
+    """Times ``fn`` with pytest-benchmark (one warm-up, ``rounds`` synchronised rounds) and records
+    ``extra`` and the device name with the result."""
+
+    def timed():
+        fn()
+        sync(device)
+
+    benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=1)
+    benchmark.extra_info.update({**extra, "device": device_name(device)})
+
+
 def row(
     op: str,
     provider: str,

@@ -55,15 +55,6 @@ def bench_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _time(benchmark, fn, device: str, rounds: int, extra: dict) -> None:
-    def timed():
-        fn()
-        _bench.sync(device)
-
-    benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=1)
-    benchmark.extra_info.update({**extra, "device": _bench.device_name(device)})
-
-
 def test_cost_volume(benchmark, bench_size, bench_device):
     s = _size(bench_size)
     gen = torch.Generator().manual_seed(0)
@@ -102,7 +93,7 @@ def test_filter_forward(benchmark, bench_size, bench_rounds, bench_device):
         err = float((first.double().cpu() - ref).abs().max())
         msg = f"correctness gate failed: float32 filter differs from float64 by {err:.3g}"
         raise AssertionError(msg)
-    _time(
+    _bench.pedantic(
         benchmark,
         forward,
         bench_device,
@@ -143,4 +134,6 @@ def test_predict(benchmark, bench_size, bench_rounds, bench_device, with_filter)
     if not torch.allclose(got.score_map, want.score_map, rtol=1e-4, atol=1e-4):
         msg = "correctness gate failed: predict differs from the torch reference backend"
         raise AssertionError(msg)
-    _time(benchmark, lambda: det.predict(images), bench_device, bench_rounds, {**asdict(s), "filter": with_filter})
+    _bench.pedantic(
+        benchmark, lambda: det.predict(images), bench_device, bench_rounds, {**asdict(s), "filter": with_filter}
+    )

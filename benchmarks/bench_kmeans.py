@@ -185,12 +185,8 @@ def test_kmeans_fit(benchmark, bench_size, bench_rounds, bench_device, provider)
     gate(provider, bench_device)
     fn, inertia = setup(w, provider, bench_device)
 
-    def timed():
-        fn()
-        _bench.sync(bench_device)
-
-    benchmark.pedantic(timed, rounds=bench_rounds, iterations=1, warmup_rounds=1)
-    benchmark.extra_info.update({**asdict(w), "inertia": inertia(), "device": _bench.device_name(bench_device)})
+    _bench.pedantic(benchmark, fn, bench_device, bench_rounds, asdict(w))
+    benchmark.extra_info["inertia"] = inertia()
 
 
 def main(argv=None) -> int:

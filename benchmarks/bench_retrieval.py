@@ -211,12 +211,7 @@ def test_retrieve(benchmark, bench_size, bench_rounds, bench_device, provider):
     gate(w, bench_device)
     fn, _ = setup(w, provider, bench_device)
 
-    def timed():
-        fn()
-        _bench.sync(bench_device)
-
-    benchmark.pedantic(timed, rounds=bench_rounds, iterations=1, warmup_rounds=1)
-    benchmark.extra_info.update({**asdict(w), "device": _bench.device_name(bench_device)})
+    _bench.pedantic(benchmark, fn, bench_device, bench_rounds, asdict(w))
 
 
 def main(argv=None) -> int:
