@@ -136,6 +136,12 @@ def time_interleaved(
     return out
 
 
+def recall(idx: torch.Tensor, exact_idx: torch.Tensor) -> float:
+    """Mean fraction of the exact top-K ids (``exact_idx``, -1 = none) found in ``idx`` ([..., K] each)."""
+    hits = (idx.unsqueeze(-1) == exact_idx.unsqueeze(-2)).any(dim=-2) & (exact_idx >= 0)
+    return float(hits.sum()) / max(1, int((exact_idx >= 0).sum()))
+
+
 def pedantic(benchmark, fn: Callable[[], object], device: str, rounds: int, extra: dict) -> None:
     """Times ``fn`` with pytest-benchmark (one warm-up, ``rounds`` synchronised rounds) and records
     ``extra`` and the device name with the result."""

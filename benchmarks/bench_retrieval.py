@@ -72,12 +72,6 @@ def make_database(w: Workload, device: str, seed: int = 0):
     return db, queries, query_cls
 
 
-def recall(idx: torch.Tensor, exact_idx: torch.Tensor) -> float:
-    """Mean fraction of the exact top-K ids found in ``idx`` ([B, L, K] each)."""
-    hits = (idx.unsqueeze(-1) == exact_idx.unsqueeze(-2)).any(dim=-2) & (exact_idx >= 0)
-    return float(hits.sum()) / max(1, int((exact_idx >= 0).sum()))
-
-
 def faiss_ivf(db, class_id: int):
     """faiss IndexIVFFlat over one class with our prototypes as the coarse quantizer and our lists."""
     import faiss
@@ -169,7 +163,7 @@ def run(size: str, device: str, out_dir: str | None, rounds: int = 5) -> list[di
     for provider, (_, out) in setups.items():
         t = timed[provider]
         idx = out["res"].idx if "res" in out else out["idx"].to(device)
-        rec = recall(idx, exact.idx)
+        rec = _bench.recall(idx, exact.idx)
         times[provider] = t[0]
         cfg = {**asdict(w), f"recall@{w.k}": rec, "db_tokens": db.n_tokens}
         rows.append(

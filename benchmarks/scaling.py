@@ -94,11 +94,6 @@ def make_case(s: Setting, seed: int = 0, device: str = "cpu"):
     return db, query.to(device), query_cls.to(device)
 
 
-def recall(idx: torch.Tensor, exact: torch.Tensor) -> float:
-    hits = (idx.unsqueeze(-1) == exact.unsqueeze(-2)).any(dim=-2) & (exact >= 0)
-    return float(hits.sum()) / max(1, int((exact >= 0).sum()))
-
-
 def measure(db, query, query_cls, s: Setting, device: str, rounds: int, modes=("flat", "hierarchical")) -> dict:
     """{mode: (seconds, recall@K)} of one retrieval + cost volume of the query."""
     exact = rf.retrieve(query, db, class_ids=db.classify(query_cls), k=s.k, mode="flat").idx
@@ -119,7 +114,7 @@ def measure(db, query, query_cls, s: Setting, device: str, rounds: int, modes=("
         if not torch.allclose(results[mode].dist, want.dist, atol=1e-4):
             msg = f"correctness gate failed: {mode} retrieval differs from the torch reference"
             raise AssertionError(msg)
-    return {mode: (times[mode][0], recall(results[mode].idx, exact)) for mode in modes}
+    return {mode: (times[mode][0], _bench.recall(results[mode].idx, exact)) for mode in modes}
 
 
 def real_feature_recall(nprobes: list[int], k: int, image_size: int = 256) -> list[tuple[int, float]]:
@@ -142,7 +137,7 @@ def real_feature_recall(nprobes: list[int], k: int, image_size: int = 256) -> li
     for p in nprobes:
         p_eff = min(p, int(db.n_semantic.min()))
         res = rf.retrieve(q, db, query_cls=qc, k=k, nprobe=p_eff)
-        out.append((p, recall(res.idx, exact)))
+        out.append((p, _bench.recall(res.idx, exact)))
     return out
 
 

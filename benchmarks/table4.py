@@ -271,19 +271,6 @@ def run_efficiency(scale_name: str, device: str, rounds: int, rows=ROWS) -> dict
 # ----------------------------------------------------------------------------- accuracy
 
 
-def _predict_all(det: rf.Detector, dataset, class_ids: Optional[torch.Tensor], batch_size: int = 8):
-    """Scores [N], pixel maps [N, H, W] and masks [N, H, W]; ``class_ids`` [N] fixes each image's class."""
-    scores, maps, masks = [], [], []
-    for s in range(0, len(dataset), batch_size):
-        items = [dataset[i] for i in range(s, min(s + batch_size, len(dataset)))]
-        ids = None if class_ids is None else class_ids[s : s + len(items)]
-        out = det.predict(torch.stack([it["image"] for it in items]), class_ids=ids)
-        scores.append(out.score.cpu())
-        maps.append(out.pixel_map.cpu())
-        masks.append(torch.stack([it["mask"][0] for it in items]))
-    return torch.cat(scores), torch.cat(maps), torch.cat(masks)
-
-
 def run_accuracy(
     data: Optional[str],
     backbone_name: str,
@@ -295,7 +282,7 @@ def run_accuracy(
 ) -> dict[str, dict]:
     """I-/P-AUROC and recall@K of every row on real backbone features of ``data``."""
     from raid_fast.data import load_datasets, make_embedded_dataset, select_templates
-    from raid_fast.workflows import dataset_metrics, encode, load_filter
+    from raid_fast.workflows import dataset_metrics, encode, load_filter, predict_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
         if data is None:
@@ -323,16 +310,15 @@ def run_accuracy(
             k = filt.k if use_filter else row.k
             det = rf.Detector(backbone, db, filter=filt if use_filter else None, k=k, nprobe=nprobe, mode=row.retrieval)
             class_ids = true_class if row.capacity == "single" else None
-            metrics = dataset_metrics(test, *_predict_all(det, test, class_ids))["mean"]
+            metrics = dataset_metrics(test, *predict_dataset(det, test, progress=False, class_ids=class_ids))["mean"]
             res = rf.retrieve(
                 test_tokens, db, query_cls=test_cls, class_ids=class_ids, k=k, nprobe=nprobe, mode=row.retrieval
             )
             exact = rf.retrieve(test_tokens, db, class_ids=true_class, k=k, mode="flat")
-            hits = (res.idx.unsqueeze(-1) == exact.idx.unsqueeze(-2)).any(dim=-2) & (exact.idx >= 0)
             out[row.name] = {
                 "i_auroc": metrics["I-AUROC"],
                 "p_auroc": metrics["P-AUROC"],
-                "recall": float(hits.sum()) / max(1, int((exact.idx >= 0).sum())),
+                "recall": _bench.recall(res.idx, exact.idx),
                 "scored_with": "filter" if use_filter else "retrieval only",
             }
             print(

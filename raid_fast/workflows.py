@@ -261,8 +261,16 @@ def detector_from_database(
     return Detector(bb, db, filter=flt, k=k, nprobe=nprobe, mode=mode, **kwargs), db
 
 
-def predict_dataset(detector: Detector, dataset, batch_size: int = 8, progress: bool = True, desc: str = "predict"):
-    """Scores [N], pixel maps [N, H, W] and masks [N, H, W] of every image of a dataset (CPU)."""
+def predict_dataset(
+    detector: Detector,
+    dataset,
+    batch_size: int = 8,
+    progress: bool = True,
+    desc: str = "predict",
+    class_ids: Optional[torch.Tensor] = None,
+):
+    """Scores [N], pixel maps [N, H, W] and masks [N, H, W] of every image of a dataset (CPU);
+    ``class_ids`` [N] fixes each image's database class instead of routing it."""
     from tqdm.auto import tqdm
 
     scores, maps, masks = [], [], []
@@ -270,7 +278,8 @@ def predict_dataset(detector: Detector, dataset, batch_size: int = 8, progress: 
         list(_batches(list(range(len(dataset))), batch_size)), desc=desc, unit="batch", disable=not progress
     ):
         items = [dataset[i] for i in chunk]
-        out = detector.predict(torch.stack([it["image"] for it in items]))
+        ids = None if class_ids is None else class_ids[chunk[0] : chunk[0] + len(chunk)]
+        out = detector.predict(torch.stack([it["image"] for it in items]), class_ids=ids)
         scores.append(out.score.cpu())
         maps.append(out.pixel_map.cpu())
         masks.append(torch.stack([it["mask"][0] for it in items]))
