@@ -1,5 +1,9 @@
 """KMeans benchmarks: raid_fast backends against scikit-learn, the torch reference and flash-kmeans.
 
+Providers: ``cuda`` / ``cpp`` / ``torch`` (float32), ``triton_fp16`` / ``triton_bf16`` (the GPU's
+one-pass half-precision Lloyd loop, ``raid_fast.kmeans(precision=...)``; the rounding of the points
+is inside the timed call), ``sklearn`` and ``flash_kmeans`` when importable.
+
 Workloads (DESIGN.md section 9): one class of ``mvtec448`` (81,920 x 384 -> 50, 25 iterations)
 and all 15 classes batched; ``small`` is a CI-sized stand-in. Data are random unit vectors (timing
 does not depend on content); every provider starts from the same centroids and runs the same
@@ -69,10 +73,15 @@ def _flash_kmeans_fit(x: torch.Tensor, init: torch.Tensor, niter: int) -> float:
     return float((x - torch.gather(centers, 1, ids.unsqueeze(-1).expand_as(x))).square().sum())
 
 
+HALF = {"triton_fp16": "fp16", "triton_bf16": "bf16"}
+
+
 def providers(device: str) -> list[str]:
     """Providers that can run here: raid_fast backends plus importable baselines."""
-    table = raid_fast.backends()["kmeans_assign"]
+    table = raid_fast.backends()["kmeans_step"]
     names = [b for b in ("cuda", "cpp", "torch") if table.get(b) == "ok" and (b == "cuda") == device.startswith("cuda")]
+    if device.startswith("cuda") and table.get("triton") == "ok":
+        names += list(HALF)
     if device == "cpu" and importable("sklearn"):
         names.append("sklearn")
     if device.startswith("cuda") and importable("flash_kmeans"):
@@ -101,6 +110,14 @@ def setup(w: Workload, provider: str, device: str):
 
         def fn():
             result["obj"] = _flash_kmeans_fit(x, init, w.niter)
+
+    elif provider in HALF:
+
+        def fn():
+            res = raid_fast.kmeans(
+                x, w.k, niter=w.niter, init_centroids=init, precision=HALF[provider], backend="triton"
+            )
+            result["obj"] = res.obj[-1]
 
     else:
 
@@ -160,7 +177,7 @@ def run(size: str, device: str, out_dir: str | None, rounds: int = 3) -> list[di
     ref = inertia["torch"]() if "torch" in inertia else None
     for name in times:
         for base in ("sklearn", "torch", "flash_kmeans"):
-            if base in times and base != name and name in ("cuda", "cpp"):
+            if base in times and base != name and name in ("cuda", "cpp", *HALF):
                 print(f"  {name} vs {base}: {times[base][0] / times[name][0]:.2f}x faster")
         if ref:
             print(f"  {name} inertia vs torch reference: {100 * (inertia[name]() - ref) / ref:+.4f}%")
@@ -175,7 +192,7 @@ def bench_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.mark.parametrize("provider", ["cuda", "cpp", "torch", "sklearn", "flash_kmeans"])
+@pytest.mark.parametrize("provider", ["cuda", "triton_fp16", "triton_bf16", "cpp", "torch", "sklearn", "flash_kmeans"])
 def test_kmeans_fit(benchmark, bench_size, bench_rounds, bench_device, provider):
     if provider not in providers(bench_device):
         pytest.skip(f"{provider} cannot run on {bench_device} here")

@@ -68,7 +68,7 @@ fi
 # correctness first: the cuda-marked tests, then the triton kernels compiled against the references
 run_step "cuda and triton tests" 150 pytest_cuda.log python -m pytest -m "cuda or triton" -q -p no:cacheprovider tests
 
-run_step "kmeans all classes" 60 bench_kmeans.log python -m benchmarks.bench_kmeans --size "$km_all" --device "$dev" --out "$out"
+run_step "kmeans all classes" 80 bench_kmeans.log python -m benchmarks.bench_kmeans --size "$km_all" --device "$dev" --out "$out"
 for batch in 1 32; do
   run_step "retrieval batch $batch" 45 bench_retrieval.log \
     python -m benchmarks.bench_retrieval --size "$ret_size" --batch "$batch" --device "$dev" --out "$out"

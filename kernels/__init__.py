@@ -3,8 +3,9 @@
 ``HAS_TRITON`` says whether triton imported; ``TRITON_IMPORT_ERROR`` says why not. Kernels register
 their backends with ``raid_fast._dispatch`` when this package is imported: ``triton`` for
 ``cosine_topk``, ``ivf_topk``, ``ivf_topk_cost_volume`` (the merge writes the volume too) and
-``cost_volume`` (float32; CUDA tensors, or any tensors under ``TRITON_INTERPRET=1``, where auto
-selection skips them).
+``cost_volume`` (float32), and ``kmeans_assign`` / ``kmeans_step`` (float16 or bfloat16 points, for
+``raid_fast.kmeans(precision=...)``); CUDA tensors, or any tensors under ``TRITON_INTERPRET=1``,
+where auto selection skips them.
 """
 
 from __future__ import annotations
@@ -34,15 +35,19 @@ _LAUNCHERS: dict[str, Any] = {}
 if HAS_TRITON:
     try:
         from raid_fast.kernels import cosine_topk as _cosine_topk
+        from raid_fast.kernels import kmeans as _kmeans
         from raid_fast.kernels.cosine_topk import cosine_topk_triton
         from raid_fast.kernels.cost_volume import cost_volume_triton
         from raid_fast.kernels.ivf_topk import ivf_topk_cost_volume_triton, ivf_topk_triton
+        from raid_fast.kernels.kmeans import kmeans_assign_triton, kmeans_step_triton
 
         _LAUNCHERS = {
             "cosine_topk": cosine_topk_triton,
             "ivf_topk": ivf_topk_triton,
             "ivf_topk_cost_volume": ivf_topk_cost_volume_triton,
             "cost_volume": cost_volume_triton,
+            "kmeans_assign": kmeans_assign_triton,
+            "kmeans_step": kmeans_step_triton,
         }
     except Exception as exc:  # a triton too old or too new must not break `import raid_fast`
         KERNEL_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
@@ -137,6 +142,21 @@ def _cost_volume_supports(dist, h, w, pad_cost=1.0):
     return _first_reason(_device_reason(dist), _tensor_reason("dist", dist, dist.device, _F32))
 
 
+def _kmeans_supports(x, groups, centroids, *args):
+    k = centroids.shape[1]
+    return _first_reason(
+        _device_reason(x),
+        None
+        if x.dtype in _kmeans.LOW_DTYPES
+        else f"needs float16 or bfloat16 points (raid_fast.kmeans(precision='fp16' or 'bf16')), got {x.dtype}",
+        _tensor_reason("centroids", centroids, x.device, _F32),
+        f"k={k} is above the triton maximum {_kmeans.MAX_K}" if k > _kmeans.MAX_K else None,
+        f"a group of {groups.max_size} x {x.shape[1]} values is above the triton maximum {_kmeans.MAX_GROUP_ELEMENTS}"
+        if groups.max_size * x.shape[1] > _kmeans.MAX_GROUP_ELEMENTS
+        else None,
+    )
+
+
 if HAS_TRITON:
 
     def _unavailable(*args: Any) -> Any:
@@ -148,6 +168,8 @@ if HAS_TRITON:
         ("ivf_topk", _ivf_topk_supports),
         ("ivf_topk_cost_volume", _ivf_topk_cost_volume_supports),
         ("cost_volume", _cost_volume_supports),
+        ("kmeans_assign", _kmeans_supports),
+        ("kmeans_step", _kmeans_supports),
     ):
         _dispatch.register(
             _op,

@@ -6,6 +6,7 @@ fast paths chosen by one dispatcher (see ``raid_fast.backends()``).
 
 from raid_fast import ops
 from raid_fast._dispatch import backends as _backends
+from raid_fast._dispatch import load_optional_backends
 from raid_fast.backbones import Backbone, available_backbones, load_backbone
 from raid_fast.database import TokenDatabase
 from raid_fast.detector import Detector, Prediction
@@ -20,17 +21,9 @@ from raid_fast.train import TrainConfig, train
 __version__ = "0.1.0"
 
 
-def _register_optional_backends() -> None:
-    # the triton kernels live in raid_fast.kernels, which imports triton itself (guarded there)
-    try:
-        import raid_fast.kernels  # noqa: F401
-    except ImportError:
-        pass
-
-
 def backends() -> dict:
     """``{op: {backend: "ok" | reason}}``: which backend can serve which op here, and why not."""
-    _register_optional_backends()
+    load_optional_backends()
     return _backends()
 
 

@@ -81,6 +81,15 @@ def register(
     _REGISTRY.setdefault(op, {})[backend] = _Impl(fn, priority, available, supports, auto)
 
 
+def load_optional_backends() -> None:
+    """Registers the triton backends (``raid_fast.kernels`` imports triton, guarded there); cheap
+    after the first call. Ops call it lazily so that ``import raid_fast`` never imports triton."""
+    try:
+        import raid_fast.kernels  # noqa: F401
+    except ImportError:
+        pass
+
+
 def _ordered(op: str) -> list[tuple[str, _Impl]]:
     return sorted(_REGISTRY[op].items(), key=lambda item: item[1].priority)
 

@@ -66,6 +66,7 @@ def _cmd_build_db(args: argparse.Namespace) -> int:
         n_semantic=args.n_semantic,
         label_free=args.label_free,
         kmeans_iters=args.kmeans_iters,
+        kmeans_precision=args.kmeans_precision,
         seed=args.seed,
         device=args.device,
     )
@@ -184,6 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     bdb.add_argument("--n-semantic", type=int, default=50)
     bdb.add_argument("--label-free", action="store_true", help="class prototypes by KMeans over CLS tokens")
     bdb.add_argument("--kmeans-iters", type=int, default=25)
+    bdb.add_argument(
+        "--kmeans-precision",
+        choices=["fp32", "fp16", "bf16"],
+        default="fp32",
+        help="fp16/bf16: half-precision Lloyd iterations (one pass over the tokens per iteration on a GPU)",
+    )
     bdb.add_argument("--seed", type=int, default=0)
     bdb.add_argument("--device", default="cpu")
     bdb.set_defaults(func=_cmd_build_db)

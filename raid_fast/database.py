@@ -159,6 +159,7 @@ class TokenDatabase:
         n_semantic: int = 50,
         kmeans_iters: int = 25,
         seed: int = 0,
+        kmeans_precision: str = "fp32",
         backend: Optional[str] = None,
         progress: bool = False,
     ) -> TokenDatabase:
@@ -174,6 +175,9 @@ class TokenDatabase:
             n_semantic: S, semantic prototypes per class.
             kmeans_iters: Lloyd iterations of both clusterings.
             seed: seeds both clusterings.
+            kmeans_precision: ``"fp32"``, or ``"fp16"`` / ``"bf16"`` for both clusterings (see
+                ``raid_fast.kmeans``; on a GPU the one-pass triton Lloyd loop). Tokens are unit-norm,
+                so fp16 loses nothing to range; the lists then follow the half-precision assignment.
             backend: KMeans backend (``None`` = auto).
             progress: progress bars for the clusterings.
 
@@ -194,6 +198,7 @@ class TokenDatabase:
             raise ValueError(msg)
         n_semantic = _checks.check_int("n_semantic", n_semantic, minimum=1)
         kmeans_iters = _checks.check_int("kmeans_iters", kmeans_iters, minimum=0)
+        _checks.check_choice("kmeans_precision", kmeans_precision, ("fp32", "fp16", "bf16"))
         _checks.check_finite("patch_tokens", patch)
         _checks.check_finite("cls_tokens", clst)
         dev = patch.device
@@ -203,7 +208,15 @@ class TokenDatabase:
         purity = None
         if n_classes is not None:
             n_classes = _checks.check_int("n_classes", n_classes, minimum=1, maximum=n_img)
-            km = kmeans(cls_unit, n_classes, niter=kmeans_iters, seed=seed, spherical=True, backend=backend)
+            km = kmeans(
+                cls_unit,
+                n_classes,
+                niter=kmeans_iters,
+                seed=seed,
+                spherical=True,
+                precision=kmeans_precision,
+                backend=backend,
+            )
             image_class = km.labels.cpu()
             used = torch.unique(image_class)
             if used.numel() < n_classes:
@@ -246,6 +259,7 @@ class TokenDatabase:
             seed=seed,
             spherical=True,
             offsets=offsets,
+            precision=kmeans_precision,
             backend=backend,
             progress=progress,
         )
@@ -261,6 +275,7 @@ class TokenDatabase:
             "n_classes": n_classes,
             "n_semantic": n_semantic,
             "kmeans_iters": kmeans_iters,
+            "kmeans_precision": kmeans_precision,
             "seed": seed,
             "tokens_per_image": n_pos,
             "dim": dim,

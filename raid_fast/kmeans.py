@@ -8,6 +8,11 @@ k-means++ (driven by per-group uniforms drawn from ``seed``, so every backend pi
 points), uniform random distinct points, or given centroids. Empty clusters are re-seeded by
 splitting the largest cluster (see ``raid_fast.ref.kmeans.kmeans_update_ref``).
 
+``precision="fp16"`` or ``"bf16"`` rounds the points once, and the centroids at every assignment, to
+that dtype; distances and sums are accumulated in float32 or better. On a GPU the triton backend
+then reads half the bytes per iteration and runs its dots on tensor cores; every other backend
+computes the same thing on the rounded values in float32, so results agree across backends.
+
 Batched input: ``[G, N, D]`` runs G problems of equal size in one call; ragged input (``x`` [N, D]
 plus ``offsets`` [G + 1]) runs groups of different sizes (one per class in the token database).
 A ragged group with N_g < k points gets k_g = N_g centroids (rows k_g.. of its centroids are zero,
@@ -24,6 +29,7 @@ from raid_fast import _checks, _dispatch
 from raid_fast.ops.kmeans import Points, kmeans_assign, prepare_centroids, prepare_points
 
 INITS = ("k-means++", "random")
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -37,12 +43,48 @@ class KMeansResult:
     n_centroids: torch.Tensor  # [G] int64: centroids used per group, min(k, N_g)
 
 
-def _check_hyper(k, niter, seed, init) -> tuple[int, int, int]:
+def _check_hyper(k, niter, seed, init, precision) -> tuple[int, int, int]:
     k = _checks.check_int("k", k, minimum=1)
     niter = _checks.check_int("niter", niter, minimum=0)
     seed = _checks.check_int("seed", seed)
     _checks.check_choice("init", init, INITS)
+    _checks.check_choice("precision", precision, tuple(PRECISIONS))
     return k, niter, seed
+
+
+@dataclass
+class _LloydPoints:
+    """The points the Lloyd loop reads, and the dtype centroids are rounded to before assignment."""
+
+    values: torch.Tensor  # [N, D]: float32, or float16 / bfloat16 for the triton backend
+    round_to: torch.dtype | None  # set when float32 values stand in for rounded ones
+
+    def centroids(self, c: torch.Tensor) -> torch.Tensor:
+        return c if self.round_to is None else c.to(self.round_to).float()
+
+
+def _lloyd_points(points: Points, precision: str, centroids, spherical: bool, backend: str | None) -> _LloydPoints:
+    if precision == "fp32":
+        return _LloydPoints(points.values, None)
+    low = PRECISIONS[precision]
+    x_low = points.values.to(low)  # [N, D]
+    if not bool(torch.isfinite(x_low).all()):
+        big = float(points.values.abs().max())
+        msg = (
+            f"x has values outside the {precision} range (max |x| = {big:.4g}); "
+            "use precision='bf16' or 'fp32', or rescale the points"
+        )
+        raise ValueError(msg)
+    _dispatch.load_optional_backends()
+    try:
+        _dispatch.select("kmeans_step", x_low, points.groups, centroids, spherical, backend=backend)
+    except RuntimeError:
+        if backend == "triton":
+            raise
+        # no backend reads half-precision points here: the rounded points in float32 are the same
+        # computation for any float32 backend
+        return _LloydPoints(x_low.float(), low)
+    return _LloydPoints(x_low, None)
 
 
 def _check_sizes(name: str, points: Points, k: int) -> None:
@@ -61,6 +103,8 @@ def _seed_centroids(points: Points, k: int, seed: int, init: str, backend: str |
     """Initial centroids [G, k, D] from the seed (k-means++ or random distinct points)."""
     groups = points.groups
     gen = torch.Generator().manual_seed(seed)
+    # seeding runs on the float32 points; triton only runs the half-precision Lloyd loop
+    backend = None if backend == "triton" else backend
     if init == "k-means++":
         uniforms = torch.rand(groups.n_groups, k, generator=gen, dtype=torch.float64)  # [G, k]
         centroids, _ = _dispatch.call("kmeans_plusplus", points.values, groups, k, uniforms, backend=backend)
@@ -83,6 +127,7 @@ def kmeans(
     init: str = "k-means++",
     init_centroids=None,
     offsets=None,
+    precision: str = "fp32",
     backend: str | None = None,
     progress: bool = False,
 ) -> KMeansResult:
@@ -98,7 +143,10 @@ def kmeans(
         init: ``"k-means++"`` or ``"random"``; ignored when ``init_centroids`` is given.
         init_centroids: [k, D] (single problem) or [G, k, D] starting centroids.
         offsets: [G + 1] int64 group boundaries for ragged ``x``.
-        backend: ``None`` (auto), ``"torch"``, ``"cpp"`` or ``"cuda"``.
+        precision: ``"fp32"``, or ``"fp16"`` / ``"bf16"`` to round points and centroids to that
+            dtype for the Lloyd iterations (the fast GPU path; see the module docstring). Seeding
+            always uses the float32 points. ``"fp16"`` refuses points beyond its range (65504).
+        backend: ``None`` (auto), ``"torch"``, ``"cpp"``, ``"cuda"`` or ``"triton"`` (fp16/bf16 only).
         progress: show a progress bar over iterations.
 
     Returns:
@@ -110,7 +158,7 @@ def kmeans(
         >>> res.centroids.shape
         torch.Size([8, 16])
     """
-    k, niter, seed = _check_hyper(k, niter, seed, init)
+    k, niter, seed = _check_hyper(k, niter, seed, init, precision)
     points = prepare_points("x", x, offsets)
     _check_sizes("x", points, k)
     groups = points.groups
@@ -118,6 +166,7 @@ def kmeans(
         centroids = prepare_centroids("init_centroids", init_centroids, points, k=k)
     else:
         centroids = _seed_centroids(points, k, seed, init, backend)
+    lloyd = _lloyd_points(points, precision, centroids, spherical, backend)
 
     obj = torch.empty(niter + 1, groups.n_groups, dtype=torch.float64, device=points.values.device)
     steps = range(niter)
@@ -127,10 +176,10 @@ def kmeans(
         steps = tqdm(steps, desc=f"kmeans k={k}", unit="iter")
     for it in steps:
         dist, _, centroids, _ = _dispatch.call(
-            "kmeans_step", points.values, groups, centroids, spherical, backend=backend
+            "kmeans_step", lloyd.values, groups, lloyd.centroids(centroids), spherical, backend=backend
         )
         obj[it] = groups.segment_sum(dist)
-    dist, idx = _dispatch.call("kmeans_assign", points.values, groups, centroids, backend=backend)
+    dist, idx = _dispatch.call("kmeans_assign", lloyd.values, groups, lloyd.centroids(centroids), backend=backend)
     obj[niter] = groups.segment_sum(dist)
 
     flat = groups.group_of_value * k + idx  # [N] cluster id across groups
@@ -160,12 +209,14 @@ class KMeans:
         seed: int = 0,
         spherical: bool = False,
         init: str = "k-means++",
+        precision: str = "fp32",
         backend: str | None = None,
         progress: bool = False,
     ):
-        self.k, self.niter, self.seed = _check_hyper(k, niter, seed, init)
+        self.k, self.niter, self.seed = _check_hyper(k, niter, seed, init, precision)
         self.spherical = bool(spherical)
         self.init = init
+        self.precision = precision
         self.backend = backend
         self.progress = progress
         self.centroids: torch.Tensor | None = None
@@ -185,6 +236,7 @@ class KMeans:
             init=self.init,
             init_centroids=init_centroids,
             offsets=offsets,
+            precision=self.precision,
             backend=self.backend,
             progress=self.progress,
         )
@@ -193,12 +245,14 @@ class KMeans:
         return self
 
     def assign(self, x, offsets=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(dist, idx)``: squared distance to, and id of, the nearest fitted centroid."""
+        """``(dist, idx)``: squared distance to, and id of, the nearest fitted centroid (float32)."""
         if self.centroids is None:
             msg = "KMeans.assign() needs a fitted model: call fit() first"
             raise RuntimeError(msg)
-        return kmeans_assign(x, self.centroids, offsets, backend=self.backend)
+        # the triton backend only runs the half-precision Lloyd loop; float32 assignment is auto
+        backend = None if self.backend == "triton" else self.backend
+        return kmeans_assign(x, self.centroids, offsets, backend=backend)
 
     def __repr__(self) -> str:
         state = "fitted" if self.centroids is not None else "not fitted"
-        return f"KMeans(k={self.k}, niter={self.niter}, seed={self.seed}, spherical={self.spherical}, init={self.init!r}, {state})"
+        return f"KMeans(k={self.k}, niter={self.niter}, seed={self.seed}, spherical={self.spherical}, init={self.init!r}, precision={self.precision!r}, {state})"

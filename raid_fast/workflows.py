@@ -58,6 +58,7 @@ def build_database(
     device: str = "cpu",
     batch_size: int = 16,
     progress: bool = True,
+    kmeans_precision: str = "fp32",
 ) -> TokenDatabase:
     """Templates of the train split(s) -> backbone tokens -> ``TokenDatabase`` saved at ``out``.
 
@@ -81,6 +82,7 @@ def build_database(
         n_semantic=n_semantic,
         kmeans_iters=kmeans_iters,
         seed=seed,
+        kmeans_precision=kmeans_precision,
         progress=progress,
     )
     db.params.update(

@@ -25,6 +25,16 @@ def test_build_db_records_its_backbone(tiny_dataset):
     assert db.params["class_names"] == ["brick", "grass", "gravel"] and db.n_images == 18
 
 
+def test_build_db_half_precision_kmeans(tiny_dataset, tmp_path):
+    from raid_fast import TokenDatabase
+
+    root, _ = tiny_dataset
+    out = tmp_path / "db16.safetensors"
+    args = ["build-db", "--data", str(root), "--out", str(out), "--image-size", "64", "--n-semantic", "8"]
+    assert cli.main([*args, "--kmeans-precision", "fp16", "--kmeans-iters", "3"]) == 0
+    assert TokenDatabase.load(out).params["kmeans_precision"] == "fp16"
+
+
 def test_eval_prints_table_and_writes_json(tiny_dataset, tmp_path, capsys):
     root, db = tiny_dataset
     out = tmp_path / "metrics.json"

@@ -20,7 +20,7 @@ def make_templates(n_img=12, n_pos=20, dim=16, n_cls=3, seed=0):
     return patch, cls, labels
 
 
-def check_invariants(db, patch):
+def check_invariants(db, patch, tie_tol=1e-5):
     n_img, n_pos, dim = patch.shape
     assert db.tokens.shape == (n_img * n_pos, dim)
     assert torch.allclose(db.tokens.norm(dim=1), torch.ones(db.n_tokens), atol=1e-5)
@@ -41,7 +41,7 @@ def check_invariants(db, patch):
             assert j < int(db.n_semantic[c])
             # the list holds the tokens whose nearest prototype of the class is j (up to ties)
             sims = db.tokens[lo:hi] @ db.semantic_prototypes[c, : int(db.n_semantic[c])].T
-            assert bool((sims.max(dim=1).values - sims[:, j] <= 1e-5).all())
+            assert bool((sims.max(dim=1).values - sims[:, j] <= tie_tol).all())
     valid = db.semantic_prototypes.norm(dim=-1)
     for c in range(db.n_classes):
         k = int(db.n_semantic[c])
@@ -57,6 +57,22 @@ def test_build_labelled():
     assert db.n_semantic.tolist() == [6, 6, 6]
     assert torch.allclose(db.class_prototypes.norm(dim=1), torch.ones(3), atol=1e-6)
     check_invariants(db, patch)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_build_with_half_precision_kmeans(precision):
+    patch, cls, labels = make_templates()
+    db = rf.TokenDatabase.build(patch, cls, n_classes=3, n_semantic=6, kmeans_iters=5, kmeans_precision=precision)
+    assert db.params["kmeans_precision"] == precision
+    # a list holds the tokens nearest its prototype up to the rounding of the assignment
+    check_invariants(db, patch, tie_tol={"fp16": 2e-3, "bf16": 1.6e-2}[precision])
+    # retrieval stays exact over the probed lists whatever the clustering: all lists probed = flat
+    q = torch.randn(2, 5, 16)
+    hier = rf.retrieve(q, db, class_ids=torch.tensor([0, 2]), k=4, nprobe=6)
+    flat = rf.retrieve(q, db, class_ids=torch.tensor([0, 2]), k=4, mode="flat")
+    assert torch.allclose(hier.dist, flat.dist, atol=1e-6)
+    with pytest.raises(ValueError, match=r"kmeans_precision must be one of \['fp32', 'fp16', 'bf16'\], got 'half'"):
+        rf.TokenDatabase.build(patch, cls, kmeans_precision="half")
 
 
 def test_build_label_free_reports_purity():

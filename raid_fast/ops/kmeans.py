@@ -2,7 +2,9 @@
 
 Letters: G groups, N points in all, D dims, k centroids per group (k_g = min(k, N_g) used).
 Backends: ``torch`` (``raid_fast.ref``, any device), ``cpp`` (extension, CPU tensors),
-``cuda`` (extension, CUDA tensors). Internal entry points take validated float32 contiguous
+``cuda`` (extension, CUDA tensors), all on float32 points; ``triton`` (``raid_fast.kernels.kmeans``)
+serves ``kmeans_assign`` and ``kmeans_step`` on float16 / bfloat16 points, for
+``raid_fast.kmeans(precision=...)``. Internal entry points take validated float32 contiguous
 tensors and a ``Groups``; the public ``kmeans_assign`` below validates user input first.
 """
 
@@ -63,11 +65,19 @@ def _plusplus_ext(x, groups: Groups, k, uniforms):
     )
 
 
+def _float32_points(x, *args, **kwargs) -> str | None:
+    # half-precision points reach only the triton backend; kmeans() gives the others the rounded
+    # points as float32, which is the same computation
+    if x.dtype != torch.float32:
+        return f"computes on float32 points, got {x.dtype}"
+    return None
+
+
 def _needs_device(kind: str):
     def supports(x, *args, **kwargs) -> str | None:
         if x.device.type != kind:
             return f"needs {kind} tensors, got {x.device}"
-        return None
+        return _float32_points(x)
 
     return supports
 
@@ -78,7 +88,7 @@ for _op, _ref, _fast in (
     ("kmeans_step", _step_torch, _step_ext),
     ("kmeans_plusplus", _plusplus_torch, _plusplus_ext),
 ):
-    _dispatch.register(_op, "torch", _ref, priority=100)
+    _dispatch.register(_op, "torch", _ref, priority=100, supports=_float32_points)
     _dispatch.register(
         _op, "cpp", _fast, priority=10, available=_ext.ext_unavailable_reason, supports=_needs_device("cpu")
     )

@@ -140,14 +140,6 @@ _dispatch.register(
 )
 
 
-def _load_kernels() -> None:
-    # registers the triton backends (if triton imports); a no-op after the first call
-    try:
-        import raid_fast.kernels  # noqa: F401
-    except ImportError:
-        pass
-
-
 def _check_pair(queries: torch.Tensor, tokens: torch.Tensor, k: int) -> None:
     _checks.check_ndim("queries", queries, (2,), "[M, D]")
     _checks.check_ndim("tokens", tokens, (2,), "[N, D]")
@@ -178,7 +170,7 @@ def cosine_topk(
     ``raid_fast.ref.similarity.cosine_topk_ref`` for the exact definition.
     """
     _check_pair(queries, tokens, k)
-    _load_kernels()
+    _dispatch.load_optional_backends()
     return _dispatch.call("cosine_topk", queries, tokens, k, lo, hi, token_group, exclude_group, backend=backend)
 
 
@@ -207,7 +199,7 @@ def ivf_topk(
     ``raid_fast.ref.ivf_search.ivf_topk_ref`` for the exact definition.
     """
     _check_ivf(queries, probes, tokens, k)
-    _load_kernels()
+    _dispatch.load_optional_backends()
     return _dispatch.call(
         "ivf_topk", queries, probes, list_offsets, tokens, k, token_group, exclude_group, backend=backend
     )
@@ -241,7 +233,7 @@ def ivf_topk_cost_volume(
     if queries.shape[0] != b * h * w:
         msg = f"queries must be M = b * h * w = {b * h * w} rows (b={b}, h={h}, w={w}), got {queries.shape[0]}"
         raise ValueError(msg)
-    _load_kernels()
+    _dispatch.load_optional_backends()
     return _dispatch.call(
         "ivf_topk_cost_volume",
         queries,
@@ -269,5 +261,5 @@ def cost_volume(
     if dist.shape[1] != h * w:
         msg = f"h * w must equal the number of query tokens L={dist.shape[1]}, got h={h}, w={w}"
         raise ValueError(msg)
-    _load_kernels()
+    _dispatch.load_optional_backends()
     return _dispatch.call("cost_volume", dist, h, w, float(pad_cost), backend=backend)
