@@ -1,5 +1,11 @@
 """Retrieval benchmarks: hierarchical vs exact flat retrieve (+ cost volume), and faiss IVF-Flat.
 
+Providers: ``hierarchical``, ``flat_single`` (the routed class), ``flat_multi`` (every class) through
+``raid_fast.retrieve``; ``matmul_topk``, the plain torch baseline of flat multi-class search (one
+float32 matmul per block of query rows, then ``torch.topk``); ``faiss_ivf`` on the CPU; on a GPU
+also ``hierarchical_tf32x3`` and ``flat_multi_tf32x3``, the Triton search tiles on TF32 tensor cores
+(``RAID_FAST_DOT_PRECISION``), checked against the reference like the others.
+
 Workloads (DESIGN.md section 9): ``mvtec256`` (15 classes x 80 templates x 18x18 tokens, D = 384,
 S = 50, P = 5, K = 150) and ``mvtec448`` (32x32 tokens); ``small`` is a CI-sized stand-in.
 Tokens are random unit vectors (timing only); recall@K of each mode against exact flat search over
@@ -85,10 +91,26 @@ def faiss_ivf(db, class_id: int):
     return index
 
 
+def _with_dot_precision(fn, precision: str):
+    from raid_fast.kernels import cosine_topk
+
+    def run():
+        cosine_topk.DOT_PRECISION = precision
+        try:
+            fn()
+        finally:
+            cosine_topk.DOT_PRECISION = None
+
+    return run
+
+
 def setup(w: Workload, provider: str, device: str):
     """(fn, result) for one provider; fn() runs one retrieval of the query batch + cost volume."""
     db, q, qc = make_database(w, device)
     out = {}
+    if provider.endswith("_tf32x3"):
+        fn, out = setup(w, provider.removesuffix("_tf32x3"), device)
+        return _with_dot_precision(fn, "tf32x3"), out
     if provider in ("hierarchical", "flat_multi", "flat_single"):
         mode = "hierarchical" if provider == "hierarchical" else "flat"
         class_ids = db.classify(qc) if provider == "flat_single" else None
@@ -97,6 +119,21 @@ def setup(w: Workload, provider: str, device: str):
             res = rf.retrieve(q, db, query_cls=qc, class_ids=class_ids, k=w.k, nprobe=w.nprobe, mode=mode)
             out["cost"] = res.cost_volume(w.grid, w.grid)
             out["res"] = res
+
+    elif provider == "matmul_topk":
+        qn = F.normalize(q, dim=-1).reshape(-1, w.dim)  # [B * L, D]
+        # whole rows of the similarity matrix, as many as fit ~4 GB (GPU) / 512 MB (CPU)
+        budget = 2**30 if device.startswith("cuda") else 2**27
+        rows = max(1, budget // max(1, db.n_tokens))
+
+        def fn():
+            dist, idx = [], []
+            for s in range(0, qn.shape[0], rows):
+                top = torch.topk(qn[s : s + rows] @ db.tokens.T, w.k, dim=1)  # [rows, K]
+                dist.append(1.0 - top.values)
+                idx.append(top.indices)
+            out["idx"] = torch.cat(idx).view(w.batch, -1, w.k)
+            out["cost"] = torch.cat(dist).view(w.batch, -1, w.k).permute(0, 2, 1).reshape(w.batch, w.k, w.grid, w.grid)
 
     elif provider == "faiss_ivf":
         class_id = int(db.classify(qc)[0])
@@ -117,9 +154,11 @@ def setup(w: Workload, provider: str, device: str):
 
 
 def providers(device: str) -> list[str]:
-    names = ["hierarchical", "flat_single", "flat_multi"]
+    names = ["hierarchical", "flat_single", "flat_multi", "matmul_topk"]
     if device == "cpu" and importable("faiss"):
         names.append("faiss_ivf")
+    if device.startswith("cuda"):
+        names += ["hierarchical_tf32x3", "flat_multi_tf32x3"]
     return names
 
 
@@ -138,6 +177,13 @@ def gate(w: Workload, device: str) -> None:
     if not torch.allclose(res.dist, ref.dist, atol=1e-4):
         msg = "correctness gate failed: flat retrieval differs from the torch reference"
         raise AssertionError(msg)
+    if device.startswith("cuda"):
+        fn, out = setup(w, "flat_single_tf32x3", device)
+        fn()
+        if not torch.allclose(out["res"].dist, ref.dist, atol=1e-4):
+            worst = float((out["res"].dist - ref.dist).abs().max())
+            msg = f"correctness gate failed: tf32x3 flat retrieval differs from the reference by {worst:.3g}"
+            raise AssertionError(msg)
     if "faiss_ivf" in providers(device):
         fn, out = setup(w, "faiss_ivf", device)
         fn()
@@ -183,9 +229,11 @@ def run(size: str, device: str, out_dir: str | None, rounds: int = 5) -> list[di
             f"retrieve {size:<9} {provider:<13} {t[0] / w.batch * 1e3:10.3f} ms/image  recall@{w.k} {rec:.4f}",
             flush=True,
         )
-    for base in ("flat_multi", "flat_single", "faiss_ivf"):
+    for base in ("flat_multi", "flat_single", "faiss_ivf", "matmul_topk"):
         if base in times:
             print(f"  hierarchical vs {base}: {times[base] / times['hierarchical']:.1f}x faster")
+    if "matmul_topk" in times:
+        print(f"  flat_multi vs matmul_topk: {times['matmul_topk'] / times['flat_multi']:.2f}x faster")
     if out_dir is not None:
         print(f"wrote {len(rows)} rows to {_bench.write_rows(rows, out_dir, device)}")
     return rows
@@ -196,7 +244,18 @@ def bench_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.mark.parametrize("provider", ["hierarchical", "flat_single", "flat_multi", "faiss_ivf"])
+@pytest.mark.parametrize(
+    "provider",
+    [
+        "hierarchical",
+        "flat_single",
+        "flat_multi",
+        "matmul_topk",
+        "faiss_ivf",
+        "hierarchical_tf32x3",
+        "flat_multi_tf32x3",
+    ],
+)
 def test_retrieve(benchmark, bench_size, bench_rounds, bench_device, provider):
     if provider not in providers(bench_device):
         pytest.skip(f"{provider} cannot run on {bench_device} here")

@@ -122,8 +122,11 @@ def _merge_tile(b_top, b_sim, o_n, m_ok, LOG_K: tl.constexpr, LOG_BN: tl.constex
 
 
 @triton.jit
-def _sim_tile(q_ptr, t_ptr, o_q, m_q, o_n, m_n, D, stride_qm, stride_qd, stride_tn, stride_td, BD: tl.constexpr):
-    # q . t of query rows o_q [BM] and token rows o_n [BN] in fp32, d streamed in BD slices
+def _sim_tile(
+    q_ptr, t_ptr, o_q, m_q, o_n, m_n, D, stride_qm, stride_qd, stride_tn, stride_td, BD: tl.constexpr, DOT: tl.constexpr
+):
+    # q . t of query rows o_q [BM] and token rows o_n [BN] in fp32, d streamed in BD slices; DOT is
+    # tl.dot's input_precision ("ieee": exact fp32 products on CUDA cores; see dot_precision())
     o_d = tl.arange(0, BD)
     b_sim = tl.zeros([o_q.shape[0], o_n.shape[0]], dtype=tl.float32)  # [BM, BN]
     for d0 in range(0, D, BD):
@@ -132,7 +135,7 @@ def _sim_tile(q_ptr, t_ptr, o_q, m_q, o_n, m_n, D, stride_qm, stride_qd, stride_
         p_t = t_ptr + o_n[None, :] * stride_tn + (d0 + o_d)[:, None] * stride_td
         b_q = tl.load(p_q, mask=m_q[:, None] & m_d[None, :], other=0.0)  # [BM, BD]
         b_t = tl.load(p_t, mask=m_d[:, None] & m_n[None, :], other=0.0)  # [BD, BN]
-        b_sim += tl.dot(b_q, b_t, input_precision="ieee")
+        b_sim += tl.dot(b_q, b_t, input_precision=DOT)
     return b_sim
 
 
@@ -162,6 +165,7 @@ def _cosine_topk_partial_kernel(
     LOG_K: tl.constexpr,
     LOG_BN: tl.constexpr,
     NATIVE_SORT: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     # part[m, c, :K] = the K best packed keys of query m over tokens of chunk c, descending
     K_PAD: tl.constexpr = 1 << LOG_K
@@ -185,7 +189,7 @@ def _cosine_topk_partial_kernel(
     for n0 in range(n_start, n_end, BN):
         o_n = n0 + tl.arange(0, BN)  # [BN]
         m_n = o_n < n_end
-        b_sim = _sim_tile(q_ptr, t_ptr, o_m, m_m, o_n, m_n, D, stride_qm, stride_qd, stride_tn, stride_td, BD)
+        b_sim = _sim_tile(q_ptr, t_ptr, o_m, m_m, o_n, m_n, D, stride_qm, stride_qd, stride_tn, stride_td, BD, DOT)
         m_ok = m_m[:, None] & m_n[None, :]  # [BM, BN]
         if HAS_RANGE:
             m_ok = m_ok & (o_n[None, :] >= b_lo[:, None]) & (o_n[None, :] < b_hi[:, None])
@@ -252,6 +256,25 @@ def _topk_merge_kernel(
 
 # None: native tl.topk / tl.bitonic_merge when compiled, the min/max network when interpreted
 NATIVE_SORT: Optional[bool] = None
+# None: the RAID_FAST_DOT_PRECISION environment variable, else "ieee"
+DOT_PRECISION: Optional[str] = None
+DOT_PRECISIONS = ("ieee", "tf32x3", "tf32")
+
+
+def dot_precision() -> str:
+    """tl.dot input precision of the search kernels' q . t tiles.
+
+    ``"ieee"`` (default): fp32 products on CUDA cores, results equal to the float32 reference up to
+    summation order. ``"tf32x3"``: three TF32 tensor-core products per tile (hi*hi + hi*lo + lo*hi),
+    close to float32 accuracy. ``"tf32"``: one, with a 10-bit mantissa, so near-ties may reorder and
+    distances move by ~1e-3. Exposed for measuring the trade-off on a GPU (the interpreter computes
+    every variant in float32).
+    """
+    value = DOT_PRECISION if DOT_PRECISION is not None else os.environ.get("RAID_FAST_DOT_PRECISION", "ieee")
+    if value not in DOT_PRECISIONS:
+        msg = f"RAID_FAST_DOT_PRECISION must be one of {list(DOT_PRECISIONS)}, got {value!r}"
+        raise ValueError(msg)
+    return value
 
 
 def _native_sort() -> bool:
@@ -271,6 +294,7 @@ class TopkConfig(NamedTuple):
     num_warps: int
     num_stages: int
     native_sort: bool
+    dot_precision: str
 
 
 def topk_config(k: int) -> TopkConfig:
@@ -282,7 +306,7 @@ def topk_config(k: int) -> TopkConfig:
     # chosen from ptxas resource usage for sm_90 (registers, spills, shared memory), not from timings
     warps = 4 if kp <= 64 else (8 if kp <= 256 else 16)
     stages = 3 if kp <= 64 else 2
-    return TopkConfig(kp.bit_length() - 1, bm, bn.bit_length() - 1, warps, stages, _native_sort())
+    return TopkConfig(kp.bit_length() - 1, bm, bn.bit_length() - 1, warps, stages, _native_sort(), dot_precision())
 
 
 def block_d(d: int) -> int:
@@ -425,6 +449,7 @@ def cosine_topk_triton(
         LOG_K=cfg.log_k,
         LOG_BN=cfg.log_bn,
         NATIVE_SORT=cfg.native_sort,
+        DOT=cfg.dot_precision,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )

@@ -60,6 +60,7 @@ def _ivf_topk_scan_kernel(
     LOG_K: tl.constexpr,
     LOG_BN: tl.constexpr,
     NATIVE_SORT: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     # part[m * P + slot, :K] = the K best keys of query m over list probes[m, slot], descending
     K_PAD: tl.constexpr = 1 << LOG_K
@@ -85,7 +86,7 @@ def _ivf_topk_scan_kernel(
     for n0 in range(n_start, n_end, BN):
         o_n = n0 + tl.arange(0, BN)  # [BN]
         m_n = o_n < n_end
-        b_sim = _sim_tile(q_ptr, t_ptr, o_m, m_r, o_n, m_n, D, stride_qm, stride_qd, stride_tn, stride_td, BD)
+        b_sim = _sim_tile(q_ptr, t_ptr, o_m, m_r, o_n, m_n, D, stride_qm, stride_qd, stride_tn, stride_td, BD, DOT)
         m_ok = m_r[:, None] & m_n[None, :]  # [BM, BN]
         if HAS_GROUP:
             b_grp = tl.load(grp_ptr + o_n, mask=m_n, other=-1)  # [BN]
@@ -167,6 +168,7 @@ def _ivf_partials(
         LOG_K=cfg.log_k,
         LOG_BN=cfg.log_bn,
         NATIVE_SORT=cfg.native_sort,
+        DOT=cfg.dot_precision,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )

@@ -84,11 +84,19 @@ def exercise_public_ops() -> None:
     ops.ivf_topk_cost_volume(q, probes, offsets, tokens, 7, None, None, 1, 3, 3, 1.0, backend="triton")
     ops.cost_volume(torch.rand(2, 6, 5), 2, 3, backend="triton")
     # D a multiple of 16, as every real backbone's: the JIT then specialises on alignment, which
-    # changes the loads, the registers and the shared memory of the compiled kernels
+    # changes the loads, the registers and the shared memory of the compiled kernels; and every
+    # tl.dot precision of the search tiles
+    from raid_fast.kernels import cosine_topk
+
     q, t = unit(9, 32), unit(70, 32)
-    ops.cosine_topk(q, t, 150, backend="triton")
     offsets, tokens = make_lists([5, 0, 30, 12], 32)
-    ops.ivf_topk(q, probes, offsets, tokens, 150, backend="triton")
+    for precision in cosine_topk.DOT_PRECISIONS:
+        cosine_topk.DOT_PRECISION = precision
+        try:
+            ops.cosine_topk(q, t, 150, backend="triton")
+            ops.ivf_topk(q, probes, offsets, tokens, 150, backend="triton")
+        finally:
+            cosine_topk.DOT_PRECISION = None
     ops.ivf_topk_cost_volume(q, probes, offsets, tokens, 150, None, None, 1, 3, 3, 1.0, backend="triton")
     # half-precision Lloyd: k <= 64 (128-point tiles) and k > 64 (64-point tiles, several dim windows),
     # D a multiple of 16 (vectorised loads) or not, both dtypes, spherical or not
