@@ -152,7 +152,7 @@ def _kmeans_supports(x, groups, centroids, *args):
         _tensor_reason("centroids", centroids, x.device, _F32),
         f"k={k} is above the triton maximum {_kmeans.MAX_K}" if k > _kmeans.MAX_K else None,
         f"a group of {groups.max_size} x {x.shape[1]} values is above the triton maximum {_kmeans.MAX_GROUP_ELEMENTS}"
-        if groups.max_size * x.shape[1] > _kmeans.MAX_GROUP_ELEMENTS
+        if (groups.max_size + _kmeans.MAX_TILE) * x.shape[1] > _kmeans.MAX_GROUP_ELEMENTS
         else None,
     )
 

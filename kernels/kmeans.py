@@ -39,8 +39,9 @@ import triton.language as tl
 from raid_fast.ref.kmeans import SPLIT_EPS
 
 MAX_K = 128
-# offsets inside a group are int32
+# offsets inside a group are int32, also those of a last tile's masked rows (at most MAX_TILE more)
 MAX_GROUP_ELEMENTS = 2**31 - 1
+MAX_TILE = 128
 # one program's sums [KP, window] stay in registers: KP x window <= 64 x 384 floats, in at most
 # four named [KP, BD] accumulators
 _ACC_BUDGET = 64 * 384
@@ -252,7 +253,13 @@ def pass_config(k: int, d: int) -> dict:
     bd = min(128, max(16, triton.next_power_of_2(d)))
     n_chunks = triton.cdiv(d, bd)
     n_acc = max(1, min(_MAX_ACC, n_chunks, _ACC_BUDGET // (kp * bd)))
-    return {"KP": kp, "BD": bd, "N_ACC": n_acc, "BM": 128 if kp <= 64 else 64, "windows": triton.cdiv(n_chunks, n_acc)}
+    return {
+        "KP": kp,
+        "BD": bd,
+        "N_ACC": n_acc,
+        "BM": MAX_TILE if kp <= 64 else 64,
+        "windows": triton.cdiv(n_chunks, n_acc),
+    }
 
 
 def _split(x: torch.Tensor, n_groups: int, max_size: int, bm: int, windows: int) -> int:

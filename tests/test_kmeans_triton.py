@@ -198,3 +198,14 @@ class TestErrors:
     def test_triton_k_limit(self, backend):
         with pytest.raises(RuntimeError, match="k=129 is above the triton maximum 128"):
             raid_fast.kmeans(torch.randn(200, 3), 129, niter=1, precision="fp16", backend=backend)
+
+    @pytest.mark.parametrize("backend", TRITON)
+    def test_triton_group_size_limit(self, backend, monkeypatch):
+        from raid_fast.kernels import kmeans as kernels
+
+        # offsets inside a group are int32: the limit, lowered here, counts the last tile's padding
+        monkeypatch.setattr(kernels, "MAX_GROUP_ELEMENTS", (100 + kernels.MAX_TILE) * 8 - 1)
+        with pytest.raises(RuntimeError, match=r"a group of 100 x 8 values is above the triton maximum"):
+            raid_fast.kmeans(torch.randn(100, 8), 3, niter=1, precision="fp16", backend=backend)
+        # and the other backends still serve the call, on the rounded values
+        raid_fast.kmeans(torch.randn(100, 8), 3, niter=1, precision="fp16")
