@@ -66,7 +66,7 @@ PY
 fi
 
 # correctness first: the cuda-marked tests, then the triton kernels compiled against the references
-run_step "cuda and triton tests" 150 pytest_cuda.log python -m pytest -m "cuda or triton" -q -p no:cacheprovider tests
+run_step "cuda and triton tests" 200 pytest_cuda.log python -m pytest -m "cuda or triton" -q -p no:cacheprovider tests
 
 run_step "kmeans all classes" 80 bench_kmeans.log python -m benchmarks.bench_kmeans --size "$km_all" --device "$dev" --out "$out"
 for batch in 1 32; do
