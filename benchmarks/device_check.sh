@@ -8,6 +8,9 @@
 #
 # DRY_RUN=1 runs the same steps on the CPU at small sizes without building (the installed package is
 # used): a rehearsal of the script's plumbing before a GPU session spends device time on it.
+# ARCHIVE=FILE.tgz packs OUT_DIR into one archive after every step (a runner that returns only a few
+# files, or kills the script at its limit, still gets everything measured so far):
+#   ARCHIVE=$OUT/device_check.tgz benchmarks/device_check.sh /tmp/device_check
 set -uo pipefail
 out=${1:?usage: benchmarks/device_check.sh OUT_DIR}
 mkdir -p "$out"
@@ -18,8 +21,10 @@ deadline=$((SECONDS + ${DEADLINE_S:-570}))
 status=0
 if [ "${DRY_RUN:-0}" = 1 ]; then
   dev=cpu km_all=small15 km_one=small ret_size=small t4_scale=small suite_size=small scaling_args=--quick
+  prof_scale=small
 else
   dev=cuda km_all=full15 km_one=full ret_size=mvtec448 t4_scale=mvtec448 suite_size=full scaling_args=
+  prof_scale=full
 fi
 
 # run_step NAME CAP_S LOG COMMAND...: runs COMMAND under min(CAP_S, time left), tees to LOG
@@ -39,6 +44,13 @@ run_step() {
     echo "device_check: $name failed with status $rc" | tee -a "$out/failed.txt"
     status=1
   fi
+  pack
+}
+
+pack() {
+  if [ -n "${ARCHIVE:-}" ]; then
+    tar -czf "$ARCHIVE.part" -C "$out" . && mv "$ARCHIVE.part" "$ARCHIVE"
+  fi
 }
 
 {
@@ -52,13 +64,14 @@ if [ "$dev" = cuda ]; then
   if ! RAID_FAST_FORCE_CUDA=1 python -m pip install --no-build-isolation --no-deps -e . >"$out/build.log" 2>&1; then
     tail -50 "$out/build.log"
     echo "device_check: the CUDA build failed (see build.log)"
+    pack
     exit 1
   fi
   grep "raid_fast build:" "$out/build.log" || true
 fi
 python -m raid_fast.cli env --json >"$out/env.json" 2>&1 || status=1
 if [ "$dev" = cuda ]; then
-  python - <<'PY' || exit 1
+  python - <<'PY' || { pack; exit 1; }
 import raid_fast._C as c
 assert c.cuda_compiled(), "extension built without CUDA"
 print("extension:", dict(c.build_info()))
@@ -73,6 +86,7 @@ for batch in 1 32; do
   run_step "retrieval batch $batch" 45 bench_retrieval.log \
     python -m benchmarks.bench_retrieval --size "$ret_size" --batch "$batch" --device "$dev" --out "$out"
 done
+run_step "profile" 60 profile.log python -m benchmarks.kernel_profile --device "$dev" --scale "$prof_scale" --out "$out"
 run_step "table 4" 100 table4.log python -m benchmarks.table4 --device "$dev" --scale "$t4_scale" --rounds 5 --out "$out"
 run_step "regression suite ($suite_size)" 100 suite.log \
   python -m pytest benchmarks --benchmark-only --bench-size "$suite_size" -q -p no:cacheprovider \
@@ -82,4 +96,5 @@ run_step "scaling sweeps" 100 scaling.log python -m benchmarks.scaling --device 
 run_step "kmeans one class" 40 bench_kmeans.log python -m benchmarks.bench_kmeans --size "$km_one" --device "$dev" --out "$out"
 
 echo "device_check: exit status $status after ${SECONDS}s"
+pack
 exit $status
