@@ -3,7 +3,8 @@
 ``HAS_TRITON`` says whether triton imported; ``TRITON_IMPORT_ERROR`` says why not. Kernels register
 their backends with ``raid_fast._dispatch`` when this package is imported: ``triton`` for
 ``cosine_topk``, ``ivf_topk``, ``ivf_topk_cost_volume`` (the merge writes the volume too) and
-``cost_volume`` (float32), and ``kmeans_assign`` / ``kmeans_step`` (float16 or bfloat16 points, for
+``cost_volume`` (float32), ``probe_prototypes`` (the first step of hierarchical retrieval), and
+``kmeans_assign`` / ``kmeans_step`` (float16 or bfloat16 points, for
 ``raid_fast.kmeans(precision=...)``); CUDA tensors, or any tensors under ``TRITON_INTERPRET=1``,
 where auto selection skips them.
 """
@@ -40,6 +41,7 @@ if HAS_TRITON:
         from raid_fast.kernels.cost_volume import cost_volume_triton
         from raid_fast.kernels.ivf_topk import ivf_topk_cost_volume_triton, ivf_topk_triton
         from raid_fast.kernels.kmeans import kmeans_assign_triton, kmeans_step_triton
+        from raid_fast.kernels.probe import MAX_SLOTS, probe_prototypes_triton
 
         _LAUNCHERS = {
             "cosine_topk": cosine_topk_triton,
@@ -48,6 +50,7 @@ if HAS_TRITON:
             "cost_volume": cost_volume_triton,
             "kmeans_assign": kmeans_assign_triton,
             "kmeans_step": kmeans_step_triton,
+            "probe_prototypes": probe_prototypes_triton,
         }
     except Exception as exc:  # a triton too old or too new must not break `import raid_fast`
         KERNEL_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
@@ -142,6 +145,18 @@ def _cost_volume_supports(dist, h, w, pad_cost=1.0):
     return _first_reason(_device_reason(dist), _tensor_reason("dist", dist, dist.device, _F32))
 
 
+def _probe_supports(queries, semantic_prototypes, bias, class_ids, p):
+    dev = queries.device
+    s = semantic_prototypes.shape[1]
+    return _first_reason(
+        _device_reason(queries),
+        _tensor_reason("queries", queries, dev, _F32),
+        _tensor_reason("semantic_prototypes", semantic_prototypes, dev, _F32),
+        _tensor_reason("class_ids", class_ids, dev, (torch.int64,)),
+        f"S={s} prototype slots is above the triton maximum {MAX_SLOTS}" if s > MAX_SLOTS else None,
+    )
+
+
 def _kmeans_supports(x, groups, centroids, *args):
     k = centroids.shape[1]
     return _first_reason(
@@ -170,6 +185,7 @@ if HAS_TRITON:
         ("cost_volume", _cost_volume_supports),
         ("kmeans_assign", _kmeans_supports),
         ("kmeans_step", _kmeans_supports),
+        ("probe_prototypes", _probe_supports),
     ):
         _dispatch.register(
             _op,

@@ -14,6 +14,7 @@ op, fused into the merge where the backend can (triton); ``Retrieval.cost_volume
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from raid_fast import _checks, ops
+from raid_fast import _checks, _dispatch, ops
 from raid_fast.database import TokenDatabase
 from raid_fast.ops.search import ivf_topk_cost_volume
 
@@ -90,7 +91,7 @@ def _queries(query_tokens, db: TokenDatabase) -> tuple[torch.Tensor, Optional[tu
         raise ValueError(msg)
     _checks.check_same_device(query_tokens=q, database=db.tokens)
     _checks.check_finite("query_tokens", q)
-    return F.normalize(q.float(), dim=-1), grid
+    return q.float(), grid
 
 
 def _class_ids(class_ids, query_cls, db: TokenDatabase, b: int) -> Optional[torch.Tensor]:
@@ -128,23 +129,23 @@ def _exclude(exclude_images, b: int, n_pos: int, dev) -> Optional[torch.Tensor]:
     return ex.to(device=dev, dtype=torch.int64).repeat_interleave(n_pos)  # [B * L]
 
 
-def _top_prototypes(q: torch.Tensor, db: TokenDatabase, class_ids: torch.Tensor, p: int):
-    """Top-P prototypes of each token's class: probes [B, L, P] global ids (-1 unused), and the
-    top-1 prototype vectors [B, L, D]. Few ops on purpose: at batch 1 on a GPU, launches are the cost."""
-    bias, min_used = db.probe_bias()  # [C, S]
-    b, n_pos, dim = q.shape
-    # index_select rather than tensor[...] indexing: the same kernels, a fraction of the host time
-    sem = torch.index_select(db.semantic_prototypes, 0, class_ids)  # [B, S, D]
-    # empty prototype slots score -inf through the bias, so top-P never picks them over a real one
-    sims = torch.baddbmm(torch.index_select(bias, 0, class_ids).unsqueeze(1), q, sem.transpose(1, 2))  # [B, L, S]
-    top, j = torch.topk(sims, p, dim=-1)  # [B, L, P]
-    probes = j + (class_ids * db.s_max).view(b, 1, 1)
-    if p > min_used:  # a class with fewer than P prototypes: its surplus probes are -1
-        probes = probes.masked_fill(torch.isinf(top), -1)
-    # every class has at least one prototype, so the top-1 probe is always a real one
-    flat_protos = db.semantic_prototypes.reshape(-1, dim)  # [C * S, D]
-    proto = torch.index_select(flat_protos, 0, probes.select(-1, 0).reshape(-1)).view(b, n_pos, dim)
-    return probes, proto
+def _probe_backend(backend: Optional[str]) -> Optional[str]:
+    # the prototype probe has torch and triton backends; a request for the extension's searches
+    # (cpp, cuda), by argument or environment, keeps the torch probe it always used
+    requested = backend if backend is not None else (os.environ.get(_dispatch.ENV_BACKEND) or None)
+    if requested is None or requested in ("torch", "triton"):
+        return requested
+    return "torch"
+
+
+def _probe(q: torch.Tensor, db: TokenDatabase, class_ids: torch.Tensor, p: int, backend: Optional[str]):
+    """(qn [B * L, D] unit-norm queries, probes [B, L, P] global list ids or -1, proto [B, L, D]
+    top-1 prototypes): one launch on triton, since at batch 1 on a GPU launches are the cost."""
+    bias, _ = db.probe_bias()  # [C, S]
+    _dispatch.load_optional_backends()
+    return _dispatch.call(
+        "probe_prototypes", q, db.semantic_prototypes, bias, class_ids, p, backend=_probe_backend(backend)
+    )
 
 
 def retrieve(
@@ -189,10 +190,9 @@ def retrieve(
         raise ValueError(msg)
     k = _checks.check_int("k", k, minimum=1)
     nprobe = _checks.check_int("nprobe", nprobe, minimum=1, maximum=db.s_max if mode == "hierarchical" else None)
-    q, grid = _queries(query_tokens, db)
+    q, grid = _queries(query_tokens, db)  # [B, L, D] float32, not yet unit-norm
     b, n_pos, dim = q.shape
     ids = _class_ids(class_ids, query_cls, db, b)
-    flat_q = q.reshape(b * n_pos, dim)  # [M, D]
     exclude = _exclude(exclude_images, b, n_pos, db.device)
     group = db.token_image if exclude is not None else None
     volume = None
@@ -201,7 +201,7 @@ def retrieve(
         if ids is None:
             msg = f"hierarchical retrieval over {db.n_classes} classes needs query_cls or class_ids"
             raise ValueError(msg)
-        probes, proto = _top_prototypes(q, db, ids, nprobe)
+        flat_q, probes, proto = _probe(q, db, ids, nprobe, backend)  # [M, D], [B, L, P], [B, L, D]
         args = (flat_q, probes.reshape(b * n_pos, probes.shape[-1]), db.list_offsets, db.tokens, k, group, exclude)
         if grid is not None and n_pos > 0:
             # one pass: the search and its [B, K, H, W] volume (fused into the merge on triton)
@@ -211,6 +211,7 @@ def retrieve(
             dist, idx = ops.ivf_topk(*args, backend=backend)
         proto_idx = probes[..., 0]
     else:
+        flat_q = F.normalize(q, dim=-1).reshape(b * n_pos, dim)  # [M, D]
         lo = hi = None
         if class_ids is not None:
             bounds = db.class_offsets
@@ -225,7 +226,7 @@ def retrieve(
                 if n_pos
                 else torch.zeros(b, dtype=torch.int64, device=db.device)
             )
-        probes, proto = _top_prototypes(q, db, ids, 1)
+        _, probes, proto = _probe(q, db, ids, 1, backend)
         proto_idx = probes[..., 0]
     if b == 0:
         ids = torch.zeros(0, dtype=torch.int64, device=db.device)

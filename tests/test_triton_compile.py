@@ -98,6 +98,13 @@ def exercise_public_ops() -> None:
         finally:
             cosine_topk.DOT_PRECISION = None
     ops.ivf_topk_cost_volume(q, probes, offsets, tokens, 150, None, None, 1, 3, 3, 1.0, backend="triton")
+    # the prototype probe: S = 50 (one 64-slot block) and S = 100, aligned and unaligned D
+    from raid_fast import _dispatch
+
+    for d, s, p in ((32, 50, 5), (24, 100, 3)):
+        sem = torch.nn.functional.normalize(torch.randn(2, s, d), dim=-1)
+        args = (torch.randn(2, 9, d), sem, torch.zeros(2, s), torch.tensor([1, 0]), p)
+        _dispatch.call("probe_prototypes", *args, backend="triton")
     # half-precision Lloyd: k <= 64 (128-point tiles) and k > 64 (64-point tiles, several dim windows),
     # D a multiple of 16 (vectorised loads) or not, both dtypes, spherical or not
     import raid_fast
@@ -140,6 +147,7 @@ def test_kernels_compile_for_sm90(monkeypatch):
         "_lloyd_pass_kernel",
         "_lloyd_reduce_kernel",
         "_lloyd_fixup_kernel",
+        "_probe_kernel",
     }
     todo = _variants(launches)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -2,7 +2,8 @@
 inverted-list top-K with its cost volume in one call (``ivf_topk_cost_volume``).
 
 Letters: M queries, N tokens, D dims, K neighbours, P probed lists, B images, L = H * W.
-Conventions (package-wide): results are ``(dist, idx)``, float32 / int64, sorted ascending by
+``probe_prototypes`` (internal, called by ``retrieve``) normalises query tokens and picks their
+top-P prototypes. Conventions (package-wide): results are ``(dist, idx)``, float32 / int64, sorted ascending by
 1 - cos; missing neighbours are ``idx = -1``, ``dist = +inf`` and become ``pad_cost`` in a cost
 volume. Backends: ``torch`` (``raid_fast.ref``) and ``cpp`` (extension, CPU float32 tensors) here;
 ``triton`` registers itself from ``raid_fast.kernels``.
@@ -17,11 +18,14 @@ import torch
 from raid_fast import _checks, _dispatch, _ext
 from raid_fast.ref.cost_volume import cost_volume_ref
 from raid_fast.ref.ivf_search import ivf_topk_ref
+from raid_fast.ref.probe import probe_prototypes_ref
 from raid_fast.ref.similarity import cosine_topk_ref
 
 _dispatch.register("cosine_topk", "torch", cosine_topk_ref, priority=100)
 _dispatch.register("ivf_topk", "torch", ivf_topk_ref, priority=100)
 _dispatch.register("cost_volume", "torch", cost_volume_ref, priority=100)
+# internal: the first step of hierarchical retrieval (inputs validated by retrieve())
+_dispatch.register("probe_prototypes", "torch", probe_prototypes_ref, priority=100)
 
 
 def _ivf_topk_cost_volume_torch(
