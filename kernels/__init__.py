@@ -145,7 +145,7 @@ def _cost_volume_supports(dist, h, w, pad_cost=1.0):
     return _first_reason(_device_reason(dist), _tensor_reason("dist", dist, dist.device, _F32))
 
 
-def _probe_supports(queries, semantic_prototypes, bias, class_ids, p):
+def _probe_supports(queries, semantic_prototypes, bias, class_ids, p, min_used=0):
     dev = queries.device
     s = semantic_prototypes.shape[1]
     return _first_reason(

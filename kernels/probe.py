@@ -90,9 +90,9 @@ def _probe_kernel(
         score = tl.where(o_s[None, :] == j[:, None], float("-inf"), score)
 
 
-def probe_prototypes_triton(queries, semantic_prototypes, bias, class_ids, p):
+def probe_prototypes_triton(queries, semantic_prototypes, bias, class_ids, p, min_used=0):
     """Same arguments and results as ``probe_prototypes_ref``: (qn [M, D], probes [B, L, P], proto
-    [B, L, D])."""
+    [B, L, D]); ``min_used`` is not needed here (the kernel tests each probe)."""
     b, n_pos, d = queries.shape
     s = semantic_prototypes.shape[1]
     dev = queries.device

@@ -141,10 +141,10 @@ def _probe_backend(backend: Optional[str]) -> Optional[str]:
 def _probe(q: torch.Tensor, db: TokenDatabase, class_ids: torch.Tensor, p: int, backend: Optional[str]):
     """(qn [B * L, D] unit-norm queries, probes [B, L, P] global list ids or -1, proto [B, L, D]
     top-1 prototypes): one launch on triton, since at batch 1 on a GPU launches are the cost."""
-    bias, _ = db.probe_bias()  # [C, S]
+    bias, min_used = db.probe_bias()  # [C, S]
     _dispatch.load_optional_backends()
     return _dispatch.call(
-        "probe_prototypes", q, db.semantic_prototypes, bias, class_ids, p, backend=_probe_backend(backend)
+        "probe_prototypes", q, db.semantic_prototypes, bias, class_ids, p, min_used, backend=_probe_backend(backend)
     )
 
 

@@ -11,7 +11,12 @@ import torch.nn.functional as F
 
 
 def probe_prototypes_ref(
-    queries: torch.Tensor, semantic_prototypes: torch.Tensor, bias: torch.Tensor, class_ids: torch.Tensor, p: int
+    queries: torch.Tensor,
+    semantic_prototypes: torch.Tensor,
+    bias: torch.Tensor,
+    class_ids: torch.Tensor,
+    p: int,
+    min_used: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-P semantic prototypes of each query token, within its image's class.
 
@@ -21,6 +26,8 @@ def probe_prototypes_ref(
         bias: [C, S] float32, 0 for the slots a class uses and -inf for its empty ones.
         class_ids: [B] int64 class of each image.
         p: probes per token, 1 <= p <= S.
+        min_used: a lower bound on the slots every class uses: when p <= min_used no probe can land
+            on an unused slot and the -1 masking is skipped (two launches fewer per call).
 
     Returns:
         qn [B * L, D] the unit-norm queries (``F.normalize``), probes [B, L, P] int64 global list ids
@@ -34,7 +41,9 @@ def probe_prototypes_ref(
     sem = torch.index_select(semantic_prototypes, 0, class_ids)  # [B, S, D]
     sims = torch.baddbmm(torch.index_select(bias, 0, class_ids).unsqueeze(1), qn, sem.transpose(1, 2))  # [B, L, S]
     top, j = torch.topk(sims, p, dim=-1)  # [B, L, P]
-    probes = torch.where(torch.isinf(top), -1, j + (class_ids * s).view(b, 1, 1))
+    probes = j + (class_ids * s).view(b, 1, 1)
+    if p > min_used:
+        probes = probes.masked_fill(torch.isinf(top), -1)
     # every class has at least one prototype, so the top-1 probe is always a real one
     flat_protos = semantic_prototypes.reshape(-1, dim)  # [C * S, D]
     proto = torch.index_select(flat_protos, 0, probes.select(-1, 0).reshape(-1)).view(b, n_pos, dim)
