@@ -4,10 +4,13 @@ Letters: M queries, P probe slots per query, L lists (CSR ``list_offsets`` [L + 
 D dims, K neighbours, BM queries per program, W work items. Semantics:
 ``raid_fast.ref.ivf_search.ivf_topk_ref``; keys and merges as in ``cosine_topk``.
 
-1. The probe map is inverted on the device with torch (no host sync): the M * P (query, slot)
-   pairs are sorted by list, so the pairs of list l are ``order[start[l]:start[l + 1]]``; list l
-   gets cdiv(count, BM) work items, and a work item is (list, block of BM of its pairs).
-2. ``_ivf_topk_scan_kernel``, grid (W_max,): scans the list's contiguous token slice once for its
+1. The probe map is inverted on the device in four launches, no host sync (a memset, then
+   ``_probe_count_kernel``, ``_probe_schedule_kernel``, ``_probe_scatter_kernel``: a counting sort
+   with atomics; a torch sort took a dozen launches, the cost that matters at batch 1): the pairs
+   of list l are ``order[start[l]:start[l + 1]]``; list l gets cdiv(count, BM) work items from
+   ``first[l]`` on, and a work item is (list, block of BM of its pairs).
+2. ``_ivf_topk_scan_kernel``, grid (W_max,): finds its list by binary search over ``first``,
+   scans the list's contiguous token slice once for its
    BM queries (fp32 q . t tiles, streaming top-K) and writes each pair's K best keys into a
    [M, P, K] buffer at (query, slot). W_max = cdiv(M * P, BM) + min(L, M * P) bounds the real
    number of work items without reading it back; the spare programs exit at once.
@@ -44,7 +47,6 @@ def _ivf_topk_scan_kernel(
     order_ptr,
     start_ptr,
     first_ptr,
-    work_ptr,
     part_ptr,
     L,
     P,
@@ -66,9 +68,18 @@ def _ivf_topk_scan_kernel(
     K_PAD: tl.constexpr = 1 << LOG_K
     BN: tl.constexpr = 1 << LOG_BN
     i_w = tl.program_id(0).to(tl.int64)
-    i_l = tl.load(work_ptr + i_w)  # L for a spare work item
-    m_used = i_l < L
-    i_l = tl.minimum(i_l, L - 1)
+    # the list of work item i_w: the last l with first[l] <= i_w (lists without work items share
+    # their first with the next list, so the last one is the list that owns i_w); spare items
+    # (i_w >= first[L]) scan nothing
+    m_used = i_w < tl.load(first_ptr + L)
+    lo = tl.zeros([], dtype=tl.int64)
+    hi = tl.zeros([], dtype=tl.int64) + L
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        right = tl.load(first_ptr + mid) <= i_w
+        lo = tl.where(right, mid, lo)
+        hi = tl.where(right, hi, mid)
+    i_l = lo
     i_blk = i_w - tl.load(first_ptr + i_l)
     r_start = tl.load(start_ptr + i_l) + i_blk * BM
     r_end = tl.load(start_ptr + i_l + 1)
@@ -98,22 +109,68 @@ def _ivf_topk_scan_kernel(
     tl.store(p_part, b_top, mask=m_r[:, None] & (o_k < K)[None, :])
 
 
-def _invert_probes(probes: torch.Tensor, n_lists: int, bm: int) -> tuple[torch.Tensor, ...]:
-    """(order [M*P], start [L+1], first [L], work [W_max]) of the cluster-grouped schedule.
+@triton.jit
+def _probe_count_kernel(probes_ptr, count_ptr, MP, BLOCK: tl.constexpr):
+    # count[l] += number of (query, slot) pairs probing list l; unused slots (-1) are not counted
+    o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    b_l = tl.load(probes_ptr + o, mask=o < MP, other=-1)
+    tl.atomic_add(count_ptr + b_l, 1, mask=b_l >= 0)
 
-    order: (query, slot) pairs m * P + slot sorted by list (unused slots first); start[l]: the
-    first pair of list l; first[l]: its first work item; work[w]: the list of work item w (L if spare).
-    All device ops, no host sync: W_max comes from shapes only.
+
+@triton.jit
+def _probe_schedule_kernel(count_ptr, start_ptr, first_ptr, cursor_ptr, L, BM: tl.constexpr, BL: tl.constexpr):
+    # one program: start = exclusive prefix of the counts (pairs before list l), first = exclusive
+    # prefix of the work items cdiv(count, BM); start[L] = pairs used, first[L] = work items
+    carry_s = tl.zeros([], dtype=tl.int64)
+    carry_f = tl.zeros([], dtype=tl.int64)
+    for l0 in range(0, L, BL):
+        o = l0 + tl.arange(0, BL)
+        m = o < L
+        b_cnt = tl.load(count_ptr + o, mask=m, other=0).to(tl.int64)
+        b_blk = (b_cnt + BM - 1) // BM
+        b_start = carry_s + tl.cumsum(b_cnt, axis=0) - b_cnt
+        tl.store(start_ptr + o, b_start, mask=m)
+        tl.store(cursor_ptr + o, b_start, mask=m)
+        tl.store(first_ptr + o, carry_f + tl.cumsum(b_blk, axis=0) - b_blk, mask=m)
+        carry_s += tl.sum(b_cnt, axis=0)
+        carry_f += tl.sum(b_blk, axis=0)
+    tl.store(start_ptr + L, carry_s)
+    tl.store(first_ptr + L, carry_f)
+
+
+@triton.jit
+def _probe_scatter_kernel(probes_ptr, cursor_ptr, order_ptr, MP, BLOCK: tl.constexpr):
+    # order[start[l] .. start[l + 1]) = the pairs of list l, in whatever order the atomics give: a
+    # pair's result depends only on its query and list, so the grouping cannot change any output
+    o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = o < MP
+    b_l = tl.load(probes_ptr + o, mask=m, other=-1)
+    m_used = m & (b_l >= 0)
+    pos = tl.atomic_add(cursor_ptr + b_l, 1, mask=m_used)
+    tl.store(order_ptr + pos, o.to(tl.int64), mask=m_used)
+
+
+def _invert_probes(probes: torch.Tensor, n_lists: int, bm: int) -> tuple[torch.Tensor, ...]:
+    """(order [M*P], start [L+1], first [L+1], w_max) of the cluster-grouped schedule.
+
+    order: the used (query, slot) pairs m * P + slot grouped by list; start[l]: the first pair of
+    list l; first[l]: its first work item (first[L]: all work items). Four launches (a memset, a
+    count, a one-program prefix sum, a scatter), no host sync: w_max comes from shapes only.
     """
     dev = probes.device
-    flat = probes.reshape(-1).to(torch.int64)  # [M * P]
-    lists, order = torch.sort(flat)
-    start = torch.searchsorted(lists, torch.arange(n_lists + 1, device=dev, dtype=torch.int64))  # [L + 1]
-    blocks = (start[1:] - start[:-1] + bm - 1) // bm  # [L] work items per list
-    ends = torch.cumsum(blocks, 0)
-    w_max = triton.cdiv(flat.numel(), bm) + min(n_lists, flat.numel())
-    work = torch.searchsorted(ends, torch.arange(w_max, device=dev, dtype=torch.int64), right=True)  # [W_max]
-    return order, start, ends - blocks, work
+    flat = probes.reshape(-1).contiguous()  # [M * P]
+    mp = flat.numel()
+    count = torch.zeros(n_lists, dtype=torch.int32, device=dev)
+    start = torch.empty(n_lists + 1, dtype=torch.int64, device=dev)
+    first = torch.empty(n_lists + 1, dtype=torch.int64, device=dev)
+    cursor = torch.empty(n_lists, dtype=torch.int64, device=dev)
+    order = torch.empty(mp, dtype=torch.int64, device=dev)
+    block = 1024
+    _probe_count_kernel[(triton.cdiv(mp, block),)](flat, count, mp, BLOCK=block)
+    _probe_schedule_kernel[(1,)](count, start, first, cursor, n_lists, BM=bm, BL=1024)
+    _probe_scatter_kernel[(triton.cdiv(mp, block),)](flat, cursor, order, mp, BLOCK=block)
+    w_max = triton.cdiv(mp, bm) + min(n_lists, mp)
+    return order, start, first, w_max
 
 
 def _ivf_partials(
@@ -141,9 +198,9 @@ def _ivf_partials(
         exclude_group = exclude_group.contiguous()
     list_offsets = list_offsets.contiguous()
     cfg = topk_config(k)
-    order, start, first, work = _invert_probes(probes, n_lists, cfg.block_m)
+    order, start, first, w_max = _invert_probes(probes, n_lists, cfg.block_m)
     part = torch.empty((m, p, k), dtype=torch.int64, device=queries.device)  # [M, P, K] packed keys
-    _ivf_topk_scan_kernel[(work.shape[0],)](
+    _ivf_topk_scan_kernel[(w_max,)](
         queries,
         tokens,
         token_group if has_group else queries,
@@ -152,7 +209,6 @@ def _ivf_partials(
         order,
         start,
         first,
-        work,
         part,
         n_lists,
         p,
