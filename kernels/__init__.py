@@ -41,7 +41,7 @@ if HAS_TRITON:
         from raid_fast.kernels.cost_volume import cost_volume_triton
         from raid_fast.kernels.ivf_topk import ivf_topk_cost_volume_triton, ivf_topk_triton
         from raid_fast.kernels.kmeans import kmeans_assign_triton, kmeans_step_triton
-        from raid_fast.kernels.probe import MAX_SLOTS, probe_prototypes_triton
+        from raid_fast.kernels.probe import MAX_CLASSES, MAX_SLOTS, probe_prototypes_triton
 
         _LAUNCHERS = {
             "cosine_topk": cosine_topk_triton,
@@ -145,15 +145,20 @@ def _cost_volume_supports(dist, h, w, pad_cost=1.0):
     return _first_reason(_device_reason(dist), _tensor_reason("dist", dist, dist.device, _F32))
 
 
-def _probe_supports(queries, semantic_prototypes, bias, class_ids, p, min_used=0):
+def _probe_supports(
+    queries, semantic_prototypes, bias, class_ids, p, min_used=0, query_cls=None, class_prototypes=None
+):
     dev = queries.device
-    s = semantic_prototypes.shape[1]
+    n_cls, s = semantic_prototypes.shape[:2]
     return _first_reason(
         _device_reason(queries),
         _tensor_reason("queries", queries, dev, _F32),
         _tensor_reason("semantic_prototypes", semantic_prototypes, dev, _F32),
         _tensor_reason("class_ids", class_ids, dev, (torch.int64,)),
+        _tensor_reason("query_cls", query_cls, dev, _F32),
+        _tensor_reason("class_prototypes", class_prototypes, dev, _F32),
         f"S={s} prototype slots is above the triton maximum {MAX_SLOTS}" if s > MAX_SLOTS else None,
+        f"C={n_cls} classes is above the triton maximum {MAX_CLASSES}" if n_cls > MAX_CLASSES else None,
     )
 
 

@@ -305,6 +305,11 @@ class TokenDatabase:
 
     def classify(self, cls_tokens) -> torch.Tensor:
         """[B, D] CLS tokens -> [B] int64 class ids: argmax cosine to the class prototypes."""
+        q = self.check_query_cls(cls_tokens)
+        return (F.normalize(q, dim=1) @ self.class_prototypes.T).argmax(dim=1)
+
+    def check_query_cls(self, cls_tokens) -> torch.Tensor:
+        """Validated CLS tokens [B, D] as float32 on the database's device (for ``classify``)."""
         q = _checks.as_tensor("query_cls", cls_tokens)
         _checks.check_floating("query_cls", q)
         _checks.check_ndim("query_cls", q, (2,), f"[B, {self.dim}]")
@@ -312,7 +317,7 @@ class TokenDatabase:
             msg = f"query_cls must have D={self.dim} like the database, got shape {tuple(q.shape)}"
             raise ValueError(msg)
         _checks.check_same_device(query_cls=q, database=self.class_prototypes)
-        return (F.normalize(q.float(), dim=1) @ self.class_prototypes.T).argmax(dim=1)
+        return q.float()
 
     def add(self, patch_tokens, cls_tokens, labels=None) -> TokenDatabase:
         """Adds template images without re-clustering; returns ``self``.

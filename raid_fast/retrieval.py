@@ -94,7 +94,9 @@ def _queries(query_tokens, db: TokenDatabase) -> tuple[torch.Tensor, Optional[tu
     return q.float(), grid
 
 
-def _class_ids(class_ids, query_cls, db: TokenDatabase, b: int) -> Optional[torch.Tensor]:
+def _routing(class_ids, query_cls, db: TokenDatabase, b: int) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(class ids [B] int64, or None) and (validated CLS tokens [B, D] to route by, or None): at most
+    one is set; neither when flat retrieval must infer the class from the neighbours."""
     if class_ids is not None:
         ids = _checks.as_tensor("class_ids", class_ids)
         if ids.dim() == 0:
@@ -107,16 +109,16 @@ def _class_ids(class_ids, query_cls, db: TokenDatabase, b: int) -> Optional[torc
         if b and (int(ids.min()) < 0 or int(ids.max()) >= db.n_classes):
             msg = f"class_ids must be in [0, {db.n_classes}), got {ids.tolist()[:8]}"
             raise ValueError(msg)
-        return ids
+        return ids, None
     if query_cls is not None:
         qc = _checks.as_tensor("query_cls", query_cls)
         if qc.dim() == 2 and qc.shape[0] != b:
             msg = f"query_cls must be [{b}, {db.dim}] (one per image), got {tuple(qc.shape)}"
             raise ValueError(msg)
-        return db.classify(qc)
+        return None, db.check_query_cls(qc)
     if db.n_classes == 1:
-        return torch.zeros(b, dtype=torch.int64, device=db.device)
-    return None
+        return torch.zeros(b, dtype=torch.int64, device=db.device), None
+    return None, None
 
 
 def _exclude(exclude_images, b: int, n_pos: int, dev) -> Optional[torch.Tensor]:
@@ -138,13 +140,30 @@ def _probe_backend(backend: Optional[str]) -> Optional[str]:
     return "torch"
 
 
-def _probe(q: torch.Tensor, db: TokenDatabase, class_ids: torch.Tensor, p: int, backend: Optional[str]):
-    """(qn [B * L, D] unit-norm queries, probes [B, L, P] global list ids or -1, proto [B, L, D]
-    top-1 prototypes): one launch on triton, since at batch 1 on a GPU launches are the cost."""
+def _probe(
+    q: torch.Tensor,
+    db: TokenDatabase,
+    class_ids: Optional[torch.Tensor],
+    query_cls: Optional[torch.Tensor],
+    p: int,
+    backend: Optional[str],
+):
+    """(class ids [B], qn [B * L, D] unit-norm queries, probes [B, L, P] global list ids or -1,
+    proto [B, L, D] top-1 prototypes), routing by ``query_cls`` when ``class_ids`` is None: one
+    launch on triton, since at batch 1 on a GPU launches are the cost."""
     bias, min_used = db.probe_bias()  # [C, S]
     _dispatch.load_optional_backends()
     return _dispatch.call(
-        "probe_prototypes", q, db.semantic_prototypes, bias, class_ids, p, min_used, backend=_probe_backend(backend)
+        "probe_prototypes",
+        q,
+        db.semantic_prototypes,
+        bias,
+        class_ids,
+        p,
+        min_used,
+        query_cls,
+        db.class_prototypes,
+        backend=_probe_backend(backend),
     )
 
 
@@ -192,16 +211,16 @@ def retrieve(
     nprobe = _checks.check_int("nprobe", nprobe, minimum=1, maximum=db.s_max if mode == "hierarchical" else None)
     q, grid = _queries(query_tokens, db)  # [B, L, D] float32, not yet unit-norm
     b, n_pos, dim = q.shape
-    ids = _class_ids(class_ids, query_cls, db, b)
+    ids, qc = _routing(class_ids, query_cls, db, b)
     exclude = _exclude(exclude_images, b, n_pos, db.device)
     group = db.token_image if exclude is not None else None
     volume = None
 
     if mode == "hierarchical":
-        if ids is None:
+        if ids is None and qc is None:
             msg = f"hierarchical retrieval over {db.n_classes} classes needs query_cls or class_ids"
             raise ValueError(msg)
-        flat_q, probes, proto = _probe(q, db, ids, nprobe, backend)  # [M, D], [B, L, P], [B, L, D]
+        ids, flat_q, probes, proto = _probe(q, db, ids, qc, nprobe, backend)  # [B], [M, D], [B, L, P], [B, L, D]
         args = (flat_q, probes.reshape(b * n_pos, probes.shape[-1]), db.list_offsets, db.tokens, k, group, exclude)
         if grid is not None and n_pos > 0:
             # one pass: the search and its [B, K, H, W] volume (fused into the merge on triton)
@@ -218,7 +237,7 @@ def retrieve(
             lo = bounds[ids].repeat_interleave(n_pos)
             hi = bounds[ids + 1].repeat_interleave(n_pos)
         dist, idx = ops.cosine_topk(flat_q, db.tokens, k, lo, hi, group, exclude, backend=backend)
-        if ids is None:
+        if ids is None and qc is None:
             # no class given: each image takes the class that most of its 1-NN tokens belong to
             nn_class = torch.searchsorted(db.class_offsets, idx[:, 0].clamp_min(0), right=True) - 1
             ids = (
@@ -226,7 +245,7 @@ def retrieve(
                 if n_pos
                 else torch.zeros(b, dtype=torch.int64, device=db.device)
             )
-        _, probes, proto = _probe(q, db, ids, 1, backend)
+        ids, _, probes, proto = _probe(q, db, ids, qc, 1, backend)
         proto_idx = probes[..., 0]
     if b == 0:
         ids = torch.zeros(0, dtype=torch.int64, device=db.device)

@@ -43,10 +43,11 @@ def test_probe_matches_reference(backend, b, n_pos, d, s, used, p):
     sem, bias = make_prototypes(len(used), s, d, used)
     q = 3 * torch.randn(b, n_pos, d)
     ids = torch.arange(b) % len(used)
-    qn, probes, proto = _dispatch.call(
+    got_ids, qn, probes, proto = _dispatch.call(
         "probe_prototypes", q.to(dev), sem.to(dev), bias.to(dev), ids.to(dev), p, backend=backend
     )
-    ref_qn, ref_probes, ref_proto = probe_prototypes_ref(q, sem, bias, ids, p)
+    _, ref_qn, ref_probes, ref_proto = probe_prototypes_ref(q, sem, bias, ids, p)
+    assert torch.equal(got_ids.cpu(), ids)
     assert qn.shape == (b * n_pos, d) and probes.shape == (b, n_pos, p) and proto.shape == (b, n_pos, d)
     assert torch.allclose(qn.cpu(), ref_qn, atol=1e-6, rtol=1e-5)
     # random scores have no ties: the same prototypes in the same (descending) order
@@ -66,10 +67,10 @@ def test_probe_strided_queries_and_ties(backend):
     q = grid.flatten(2).transpose(1, 2)  # [B, 15, 16], non-contiguous
     q[1, 4] = sem[1, 0] * 2
     ids = torch.tensor([0, 1])
-    qn, probes, proto = _dispatch.call(
+    _, qn, probes, proto = _dispatch.call(
         "probe_prototypes", q.to(dev), sem.to(dev), bias.to(dev), ids.to(dev), 3, backend=backend
     )
-    ref_qn, ref_probes, ref_proto = probe_prototypes_ref(q.contiguous(), sem, bias, ids, 3)
+    _, ref_qn, ref_probes, ref_proto = probe_prototypes_ref(q.contiguous(), sem, bias, ids, 3)
     assert torch.allclose(qn.cpu(), ref_qn, atol=1e-6)
     # every token of image 1 sees the tie of slots 0 and 2: compare the scores of the probes taken
     sims = torch.einsum("bld,bsd->bls", ref_qn.view(2, 15, 16), sem[ids]) + bias[ids][:, None, :]  # [B, L, S]
@@ -87,7 +88,7 @@ def test_probe_strided_queries_and_ties(backend):
 def test_probe_no_queries(backend):
     dev = device_of(backend)
     sem, bias = make_prototypes(1, 4, 8, [4])
-    qn, probes, proto = _dispatch.call(
+    _, qn, probes, proto = _dispatch.call(
         "probe_prototypes",
         torch.zeros(0, 5, 8, device=dev),
         sem.to(dev),
@@ -97,3 +98,30 @@ def test_probe_no_queries(backend):
         backend=backend,
     )
     assert qn.shape == (0, 8) and probes.shape == (0, 5, 2) and proto.shape == (0, 5, 8)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("backend", probe_backends())
+@pytest.mark.parametrize("n_cls,n_pos", [(3, 20), (20, 5), (1, 7), (4, 0)], ids=["C3", "C20", "C1", "no-tokens"])
+def test_probe_routes_by_cls(backend, n_cls, n_pos):
+    dev = device_of(backend)
+    gen = torch.Generator().manual_seed(5)
+    d, s = 24, 6
+    sem, bias = make_prototypes(n_cls, s, d, [s - (c % 2) for c in range(n_cls)])
+    class_protos = F.normalize(torch.randn(n_cls, d, generator=gen), dim=-1)
+    b = 5
+    q = torch.randn(b, n_pos, d, generator=gen)
+    # CLS tokens near given prototypes, at several scales, one of them a non-contiguous view
+    want = torch.arange(b) % n_cls
+    query_cls = (class_protos[want] + 0.1 * torch.randn(b, d, generator=gen)) * torch.tensor([1.0, 5, 0.2, 30, 1])[
+        :, None
+    ]
+    query_cls = torch.stack([query_cls, -query_cls], 2)[:, :, 0]  # [B, D] with stride (2D, 2)
+    assert not query_cls.is_contiguous()
+    args = (q, sem, bias, None, 3, 0, query_cls, class_protos)
+    got = _dispatch.call("probe_prototypes", *(a.to(dev) if torch.is_tensor(a) else a for a in args), backend=backend)
+    ref = probe_prototypes_ref(*args)
+    assert torch.equal(ref[0], want)
+    assert torch.equal(got[0].cpu(), ref[0])
+    assert torch.allclose(got[1].cpu(), ref[1], atol=1e-6)
+    assert torch.equal(got[2].cpu(), ref[2]) and torch.equal(got[3].cpu(), ref[3])

@@ -105,6 +105,11 @@ def exercise_public_ops() -> None:
         sem = torch.nn.functional.normalize(torch.randn(2, s, d), dim=-1)
         args = (torch.randn(2, 9, d), sem, torch.zeros(2, s), torch.tensor([1, 0]), p)
         _dispatch.call("probe_prototypes", *args, backend="triton")
+        # routed by CLS tokens (15 classes, as MVTec)
+        sem15 = torch.nn.functional.normalize(torch.randn(15, s, d), dim=-1)
+        protos15 = torch.nn.functional.normalize(torch.randn(15, d), dim=-1)
+        args = (torch.randn(2, 9, d), sem15, torch.zeros(15, s), None, p, 0, torch.randn(2, d), protos15)
+        _dispatch.call("probe_prototypes", *args, backend="triton")
     # half-precision Lloyd: k <= 64 (128-point tiles) and k > 64 (64-point tiles, several dim windows),
     # D a multiple of 16 (vectorised loads) or not, both dtypes, spherical or not
     import raid_fast
