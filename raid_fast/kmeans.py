@@ -67,14 +67,21 @@ def _lloyd_points(points: Points, precision: str, centroids, spherical: bool, ba
     if precision == "fp32":
         return _LloydPoints(points.values, None)
     low = PRECISIONS[precision]
-    x_low = points.values.to(low)  # [N, D]
-    if not bool(torch.isfinite(x_low).all()):
-        big = float(points.values.abs().max())
+    big = float(points.values.abs().max()) if points.values.numel() else 0.0
+    if big > torch.finfo(low).max:
         msg = (
             f"x has values outside the {precision} range (max |x| = {big:.4g}); "
             "use precision='bf16' or 'fp32', or rescale the points"
         )
         raise ValueError(msg)
+    # squared norms and dots accumulate in float32, whatever the storage dtype
+    if big * big * points.dim > torch.finfo(torch.float32).max / 4:
+        msg = (
+            f"x is too large for precision={precision!r}: squared distances would overflow float32 "
+            f"(max |x| = {big:.4g}, D = {points.dim}); rescale the points"
+        )
+        raise ValueError(msg)
+    x_low = points.values.to(low)  # [N, D]
     _dispatch.load_optional_backends()
     try:
         _dispatch.select("kmeans_step", x_low, points.groups, centroids, spherical, backend=backend)

@@ -186,8 +186,11 @@ class TestErrors:
         x[2, 1] = 1e5
         with pytest.raises(ValueError, match=r"outside the fp16 range \(max \|x\| = 1e\+05\)"):
             raid_fast.kmeans(x, 2, precision="fp16")
-        # bf16 has float32's range
+        # bf16 has float32's range, but squared distances accumulate in float32
         raid_fast.kmeans(x, 2, niter=1, precision="bf16")
+        x[2, 1] = 1e19
+        with pytest.raises(ValueError, match=r"too large for precision='bf16': squared distances would overflow"):
+            raid_fast.kmeans(x, 2, precision="bf16")
 
     @pytest.mark.parametrize("backend", TRITON)
     def test_triton_needs_half_precision(self, backend):
