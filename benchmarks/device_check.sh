@@ -79,7 +79,12 @@ PY
 fi
 
 # correctness first: the cuda-marked tests, then the triton kernels compiled against the references
-run_step "cuda and triton tests" 200 pytest_cuda.log python -m pytest -m "cuda or triton" -q -p no:cacheprovider tests
+# pytest-xdist (when installed) compiles the many triton specialisations in parallel
+xdist=()
+if python -c "import xdist" 2>/dev/null; then
+  xdist=(-n "${TEST_WORKERS:-8}")
+fi
+run_step "cuda and triton tests" 200 pytest_cuda.log python -m pytest -m "cuda or triton" -q -p no:cacheprovider "${xdist[@]}" tests
 
 run_step "kmeans all classes" 80 bench_kmeans.log python -m benchmarks.bench_kmeans --size "$km_all" --device "$dev" --out "$out"
 for batch in 1 32; do
