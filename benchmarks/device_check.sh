@@ -21,10 +21,10 @@ deadline=$((SECONDS + ${DEADLINE_S:-570}))
 status=0
 if [ "${DRY_RUN:-0}" = 1 ]; then
   dev=cpu km_all=small15 km_one=small ret_size=small t4_scale=small suite_size=small scaling_args=--quick
-  prof_scale=small
+  prof_scale=small test_workers=2
 else
   dev=cuda km_all=full15 km_one=full ret_size=mvtec448 t4_scale=mvtec448 suite_size=full scaling_args=
-  prof_scale=full
+  prof_scale=full test_workers=8
 fi
 
 # run_step NAME CAP_S LOG COMMAND...: runs COMMAND under min(CAP_S, time left), tees to LOG
@@ -82,7 +82,7 @@ fi
 # pytest-xdist (when installed) compiles the many triton specialisations in parallel
 xdist=()
 if python -c "import xdist" 2>/dev/null; then
-  xdist=(-n "${TEST_WORKERS:-8}")
+  xdist=(-n "${TEST_WORKERS:-$test_workers}")
 fi
 run_step "cuda and triton tests" 200 pytest_cuda.log python -m pytest -m "cuda or triton" -q -p no:cacheprovider "${xdist[@]}" tests
 
