@@ -104,3 +104,14 @@ def test_scaling_gate_fails_a_wrong_fast_path(monkeypatch):
     monkeypatch.setattr(rf, "retrieve", off_by_a_bit)
     with pytest.raises(AssertionError, match="correctness gate failed: flat retrieval"):
         scaling.measure(db, q, qc, base, "cpu", rounds=1)
+
+
+def test_kernel_profile_report(tmp_path):
+    from benchmarks import kernel_profile
+
+    assert kernel_profile.main(["--device", "cpu", "--scale", "small", "--out", str(tmp_path)]) == 0
+    (report,) = tmp_path.glob("profile_*_small.txt")
+    text = report.read_text()
+    for case in ("retrieve_b1", "retrieve_b32", "flat_b1", "lloyd_fp32"):
+        assert f"== {case}:" in text
+    assert "Self CPU" in text  # the profiler's table, sorted by own time
