@@ -106,7 +106,9 @@ def _routing(class_ids, query_cls, db: TokenDatabase, b: int) -> tuple[Optional[
             msg = f"class_ids must be [{b}] integers (one per image), got {tuple(ids.shape)} {ids.dtype}"
             raise ValueError(msg)
         ids = ids.to(device=db.device, dtype=torch.int64)
-        if b and (int(ids.min()) < 0 or int(ids.max()) >= db.n_classes):
+        # one host sync for both bounds
+        lo_hi = torch.stack(torch.aminmax(ids)).tolist() if b else [0, 0]
+        if b and (lo_hi[0] < 0 or lo_hi[1] >= db.n_classes):
             msg = f"class_ids must be in [0, {db.n_classes}), got {ids.tolist()[:8]}"
             raise ValueError(msg)
         return ids, None
