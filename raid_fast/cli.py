@@ -47,9 +47,10 @@ def _cmd_env(args: argparse.Namespace) -> int:
     for key, value in info.items():
         print(f"{key:>15}: {value}")
     print("\nbackends (op: backend -> ok | why not)")
+    width = max((len(op) for op in table), default=0)
     for op, row in table.items():
         for backend, status in row.items():
-            print(f"  {op:<18} {backend:<7} {status}")
+            print(f"  {op:<{width}} {backend:<7} {status}")
     return 0
 
 
