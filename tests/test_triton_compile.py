@@ -187,4 +187,5 @@ def test_kernels_compile_for_sm90(monkeypatch):
     if spilled:
         warnings.warn(f"register spills (bytes) on sm_90 at aligned D: {spilled}", stacklevel=1)
     lloyd = [k for k in aligned if k[0]["kernel"].endswith("_lloyd_pass_kernel")]
-    assert lloyd and all(k[2] in (0, None) for k in lloyd), [(k[0]["args"], k[2]) for k in lloyd]
+    # None would mean ptxas did not run (triton ships it), and the check would pass blindly
+    assert lloyd and all(k[2] == 0 for k in lloyd), [(k[0]["args"], k[2]) for k in lloyd]
