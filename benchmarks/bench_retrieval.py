@@ -4,7 +4,9 @@ Providers: ``hierarchical``, ``flat_single`` (the routed class), ``flat_multi`` 
 ``raid_fast.retrieve``; ``matmul_topk``, the plain torch baseline of flat multi-class search (one
 float32 matmul per block of query rows, then ``torch.topk``); ``faiss_ivf`` on the CPU; on a GPU
 also ``hierarchical_tf32x3`` and ``flat_multi_tf32x3``, the Triton search tiles on TF32 tensor cores
-(``RAID_FAST_DOT_PRECISION``), checked against the reference like the others.
+(``RAID_FAST_DOT_PRECISION``), and ``flat_multi_filter`` / ``flat_multi_filter_tf32x3``, the
+threshold-filtered flat search (``RAID_FAST_FLAT_SEARCH``), checked against the reference like the
+others.
 
 Workloads (DESIGN.md section 9): ``mvtec256`` (15 classes x 80 templates x 18x18 tokens, D = 384,
 S = 50, P = 5, K = 150) and ``mvtec448`` (32x32 tokens); ``small`` is a CI-sized stand-in.
@@ -91,26 +93,37 @@ def faiss_ivf(db, class_id: int):
     return index
 
 
-def _with_dot_precision(fn, precision: str):
-    from raid_fast.kernels import cosine_topk
+def _with_kernel_setting(fn, module: str, name: str, value: str):
+    # fn with a module-level switch of raid_fast.kernels set while it runs
+    import importlib
+
+    mod = importlib.import_module(f"raid_fast.kernels.{module}")
 
     def run():
-        cosine_topk.DOT_PRECISION = precision
+        setattr(mod, name, value)
         try:
             fn()
         finally:
-            cosine_topk.DOT_PRECISION = None
+            setattr(mod, name, None)
 
     return run
+
+
+# provider suffix -> (kernel module, switch, value); a provider may stack them (flat_multi_filter_tf32x3)
+VARIANTS = {
+    "_tf32x3": ("cosine_topk", "DOT_PRECISION", "tf32x3"),
+    "_filter": ("cosine_filter", "FLAT_SEARCH", "filter"),
+}
 
 
 def setup(w: Workload, provider: str, device: str):
     """(fn, result) for one provider; fn() runs one retrieval of the query batch + cost volume."""
     db, q, qc = make_database(w, device)
     out = {}
-    if provider.endswith("_tf32x3"):
-        fn, out = setup(w, provider.removesuffix("_tf32x3"), device)
-        return _with_dot_precision(fn, "tf32x3"), out
+    for suffix, setting in VARIANTS.items():
+        if provider.endswith(suffix):
+            fn, out = setup(w, provider.removesuffix(suffix), device)
+            return _with_kernel_setting(fn, *setting), out
     if provider in ("hierarchical", "flat_multi", "flat_single"):
         mode = "hierarchical" if provider == "hierarchical" else "flat"
         class_ids = db.classify(qc) if provider == "flat_single" else None
@@ -158,7 +171,7 @@ def providers(device: str) -> list[str]:
     if device == "cpu" and importable("faiss"):
         names.append("faiss_ivf")
     if device.startswith("cuda"):
-        names += ["hierarchical_tf32x3", "flat_multi_tf32x3"]
+        names += ["hierarchical_tf32x3", "flat_multi_tf32x3", "flat_multi_filter", "flat_multi_filter_tf32x3"]
     return names
 
 
@@ -178,12 +191,19 @@ def gate(w: Workload, device: str) -> None:
         msg = "correctness gate failed: flat retrieval differs from the torch reference"
         raise AssertionError(msg)
     if device.startswith("cuda"):
-        fn, out = setup(w, "flat_single_tf32x3", device)
-        fn()
-        if not torch.allclose(out["res"].dist, ref.dist, atol=1e-4):
-            worst = float((out["res"].dist - ref.dist).abs().max())
-            msg = f"correctness gate failed: tf32x3 flat retrieval differs from the reference by {worst:.3g}"
-            raise AssertionError(msg)
+        multi_ref = rf.retrieve(q, db, query_cls=qc, k=w.k, mode="flat", backend="torch")
+        for provider, expected in (
+            ("flat_single_tf32x3", ref),
+            ("flat_single_filter", ref),
+            ("flat_multi_filter", multi_ref),
+            ("flat_multi_filter_tf32x3", multi_ref),
+        ):
+            fn, out = setup(w, provider, device)
+            fn()
+            if not torch.allclose(out["res"].dist, expected.dist, atol=1e-4):
+                worst = float((out["res"].dist - expected.dist).abs().max())
+                msg = f"correctness gate failed: {provider} differs from the torch reference by {worst:.3g}"
+                raise AssertionError(msg)
     if "faiss_ivf" in providers(device):
         fn, out = setup(w, "faiss_ivf", device)
         fn()
@@ -226,14 +246,15 @@ def run(size: str, device: str, out_dir: str | None, rounds: int = 5) -> list[di
             )
         )
         print(
-            f"retrieve {size:<9} {provider:<13} {t[0] / w.batch * 1e3:10.3f} ms/image  recall@{w.k} {rec:.4f}",
+            f"retrieve {size:<9} {provider:<24} {t[0] / w.batch * 1e3:10.3f} ms/image  recall@{w.k} {rec:.4f}",
             flush=True,
         )
     for base in ("flat_multi", "flat_single", "faiss_ivf", "matmul_topk"):
         if base in times:
             print(f"  hierarchical vs {base}: {times[base] / times['hierarchical']:.1f}x faster")
-    if "matmul_topk" in times:
-        print(f"  flat_multi vs matmul_topk: {times['matmul_topk'] / times['flat_multi']:.2f}x faster")
+    for flat in ("flat_multi", "flat_multi_tf32x3", "flat_multi_filter", "flat_multi_filter_tf32x3"):
+        if flat in times and "matmul_topk" in times:
+            print(f"  {flat} vs matmul_topk: {times['matmul_topk'] / times[flat]:.2f}x faster")
     if out_dir is not None:
         print(f"wrote {len(rows)} rows to {_bench.write_rows(rows, out_dir, device)}")
     return rows
@@ -254,6 +275,8 @@ def bench_device() -> str:
         "faiss_ivf",
         "hierarchical_tf32x3",
         "flat_multi_tf32x3",
+        "flat_multi_filter",
+        "flat_multi_filter_tf32x3",
     ],
 )
 def test_retrieve(benchmark, bench_size, bench_rounds, bench_device, provider):

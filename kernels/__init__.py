@@ -2,8 +2,9 @@
 
 ``HAS_TRITON`` says whether triton imported; ``TRITON_IMPORT_ERROR`` says why not. Kernels register
 their backends with ``raid_fast._dispatch`` when this package is imported: ``triton`` for
-``cosine_topk``, ``ivf_topk``, ``ivf_topk_cost_volume`` (the merge writes the volume too) and
-``cost_volume`` (float32), ``probe_prototypes`` (the first step of hierarchical retrieval), and
+``cosine_topk`` (streaming or filtered, see ``cosine_filter.flat_search``), ``ivf_topk``,
+``ivf_topk_cost_volume`` (the merge writes the volume too) and ``cost_volume`` (float32),
+``probe_prototypes`` (the first step of hierarchical retrieval), and
 ``kmeans_assign`` / ``kmeans_step`` (float16 or bfloat16 points, for
 ``raid_fast.kmeans(precision=...)``); CUDA tensors, or any tensors under ``TRITON_INTERPRET=1``,
 where auto selection skips them.
@@ -37,14 +38,14 @@ if HAS_TRITON:
     try:
         from raid_fast.kernels import cosine_topk as _cosine_topk
         from raid_fast.kernels import kmeans as _kmeans
-        from raid_fast.kernels.cosine_topk import cosine_topk_triton
+        from raid_fast.kernels.cosine_filter import cosine_topk_flat
         from raid_fast.kernels.cost_volume import cost_volume_triton
         from raid_fast.kernels.ivf_topk import ivf_topk_cost_volume_triton, ivf_topk_triton
         from raid_fast.kernels.kmeans import kmeans_assign_triton, kmeans_step_triton
         from raid_fast.kernels.probe import MAX_CLASSES, MAX_SLOTS, probe_prototypes_triton
 
         _LAUNCHERS = {
-            "cosine_topk": cosine_topk_triton,
+            "cosine_topk": cosine_topk_flat,
             "ivf_topk": ivf_topk_triton,
             "ivf_topk_cost_volume": ivf_topk_cost_volume_triton,
             "cost_volume": cost_volume_triton,

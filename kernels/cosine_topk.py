@@ -109,16 +109,21 @@ def _merge_sorted(b_top, b_new, LOG_K: tl.constexpr, NATIVE_SORT: tl.constexpr):
 
 
 @triton.jit
-def _merge_tile(b_top, b_sim, o_n, m_ok, LOG_K: tl.constexpr, LOG_BN: tl.constexpr, NATIVE_SORT: tl.constexpr):
-    # b_top [BM, K_PAD] sorted descending; b_sim [BM, BN] similarities to tokens o_n [BN], BN >= K_PAD.
-    # inadmissible candidates (m_ok [BM, BN] false) become SENTINEL, below every real key, so they
-    # can only fill slots that no admissible token reaches
-    b_keys = tl.where(m_ok, _pack_keys(b_sim, o_n[None, :]), SENTINEL)
+def _merge_keys(b_top, b_keys, LOG_K: tl.constexpr, LOG_BN: tl.constexpr, NATIVE_SORT: tl.constexpr):
+    # b_top [BM, K_PAD] sorted descending; b_keys [BM, BN] packed keys in any order, BN >= K_PAD
     m_better = tl.max(b_keys, axis=1) > tl.min(b_top, axis=1)  # [BM]
     # a tile that beats no query's current k-th key changes nothing: skip its sort
     if tl.sum(m_better.to(tl.int32), axis=0) > 0:
         b_top = _merge_sorted(b_top, _topk_asc(b_keys, LOG_K, LOG_BN, NATIVE_SORT), LOG_K, NATIVE_SORT)
     return b_top
+
+
+@triton.jit
+def _merge_tile(b_top, b_sim, o_n, m_ok, LOG_K: tl.constexpr, LOG_BN: tl.constexpr, NATIVE_SORT: tl.constexpr):
+    # b_sim [BM, BN] similarities to tokens o_n [BN]. inadmissible candidates (m_ok [BM, BN] false)
+    # become SENTINEL, below every real key, so they can only fill slots no admissible token reaches
+    b_keys = tl.where(m_ok, _pack_keys(b_sim, o_n[None, :]), SENTINEL)
+    return _merge_keys(b_top, b_keys, LOG_K, LOG_BN, NATIVE_SORT)
 
 
 @triton.jit

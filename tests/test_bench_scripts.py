@@ -115,3 +115,27 @@ def test_kernel_profile_report(tmp_path):
     for case in ("retrieve_b1", "retrieve_b32", "flat_b1", "lloyd_fp32"):
         assert f"== {case}:" in text
     assert "Self CPU" in text  # the profiler's table, sorted by own time
+
+
+def test_retrieval_provider_variants_set_their_switches(monkeypatch):
+    # a GPU provider such as flat_multi_filter_tf32x3 runs flat_multi with both kernel switches set,
+    # and leaves them unset afterwards
+    pytest.importorskip("triton")
+    from benchmarks import bench_retrieval
+    from raid_fast.kernels import cosine_filter, cosine_topk
+
+    seen = []
+    real = rf.retrieve
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["mode"], cosine_filter.FLAT_SEARCH, cosine_topk.DOT_PRECISION))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rf, "retrieve", spy)
+    w = bench_retrieval.WORKLOADS["small"]
+    for provider in ("flat_multi_filter_tf32x3", "hierarchical_tf32x3", "flat_multi"):
+        fn, out = bench_retrieval.setup(w, provider, "cpu")
+        fn()
+        assert out["res"].idx.shape[-1] == w.k
+    assert seen == [("flat", "filter", "tf32x3"), ("hierarchical", None, "tf32x3"), ("flat", None, None)]
+    assert cosine_filter.FLAT_SEARCH is None and cosine_topk.DOT_PRECISION is None

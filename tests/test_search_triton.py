@@ -23,7 +23,7 @@ from raid_fast.ref.ivf_search import ivf_topk_ref
 from raid_fast.ref.similarity import cosine_topk_ref
 
 from . import utils
-from .utils import assert_close_verbose, assert_topk_matches, ivf_admissible
+from .utils import assert_close_verbose, assert_topk_matches, ivf_admissible, strided
 
 INTERPRET = utils.triton_interpreted()
 if not INTERPRET and not torch.cuda.is_available():
@@ -36,7 +36,9 @@ kernels = pytest.importorskip("raid_fast.kernels")
 if not kernels.HAS_TRITON or kernels.KERNEL_IMPORT_ERROR is not None:
     pytest.skip(f"triton kernels unavailable: {kernels._available()}", allow_module_level=True)
 
+from raid_fast.kernels import cosine_filter  # noqa: E402
 from raid_fast.kernels import cosine_topk as cosine_topk_module  # noqa: E402
+from raid_fast.kernels.cosine_filter import FilterPlan, cosine_topk_filtered  # noqa: E402
 from raid_fast.kernels.cosine_topk import cosine_topk_triton  # noqa: E402
 from raid_fast.kernels.ivf_topk import ivf_topk_cost_volume_triton  # noqa: E402
 
@@ -50,9 +52,13 @@ random_probes = functools.partial(utils.random_probes, device=DEVICE)
 check_ivf = functools.partial(utils.check_ivf, "triton")
 
 
-def check_cosine(queries, tokens, k, lo=None, hi=None, token_group=None, exclude_group=None, **launcher_kwargs):
-    # launcher keyword arguments (chunking, sort network) go straight to the triton launcher
-    run = functools.partial(cosine_topk_triton, **launcher_kwargs) if launcher_kwargs else None
+def check_cosine(
+    queries, tokens, k, lo=None, hi=None, token_group=None, exclude_group=None, _run=None, **launcher_kwargs
+):
+    # launcher keyword arguments (chunking, filter plan) go straight to the triton launcher ``_run``
+    if _run is None and launcher_kwargs:
+        _run = cosine_topk_triton
+    run = functools.partial(_run, **launcher_kwargs) if _run is not None else None
     return utils.check_cosine("triton", queries, tokens, k, lo, hi, token_group, exclude_group, run=run)
 
 
@@ -89,6 +95,113 @@ def test_cosine_topk_errors():
     with pytest.raises(RuntimeError, match=r"exclude_group needs token_group"):
         excl = torch.zeros(2, dtype=torch.int64, device=DEVICE)
         _dispatch.call("cosine_topk", q, t, 3, None, None, None, excl, backend="triton")
+
+
+# --- the filtered flat search (kernels/cosine_filter.py) -----------------------------------------
+
+
+def check_filtered(queries, tokens, k, lo=None, hi=None, token_group=None, exclude_group=None, **kwargs):
+    return check_cosine(queries, tokens, k, lo, hi, token_group, exclude_group, _run=cosine_topk_filtered, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "m, n, d, k, stride, cap",
+    [
+        (37, 900, 60, 7, 5, 80),  # odd D, K below a power of two
+        (5, 600, 32, 30, 4, 240),
+        (1, 70, 16, 4, 8, 40),  # a sample smaller than K: every token is a candidate
+        (9, 1200, 48, 150, 2, 700),  # the default K: K_PAD = 256 = BN
+        (3, 800, 24, 256, 2, 600),
+    ],
+    ids=lambda v: str(v),
+)
+def test_cosine_filtered_matches_ref(m, n, d, k, stride, cap):
+    check_filtered(unit(m, d), unit(n, d), k, plan=FilterPlan(stride, cap))
+
+
+@pytest.mark.parametrize("n_chunks", [1, 4])
+def test_cosine_filtered_ranges_groups_and_overflow(n_chunks, monkeypatch):
+    m, n = 34, 700
+    q, t = unit(m, 60), unit(n, 60)
+    lo = torch.randint(0, n // 2, (m,), device=DEVICE)
+    hi = lo + torch.randint(0, n // 2, (m,), device=DEVICE)
+    hi[0] = lo[0]  # an empty range: nothing admissible
+    hi[1] = lo[1] + 3  # fewer tokens than K
+    group = torch.randint(0, 5, (n,), device=DEVICE)
+    exclude = torch.randint(-1, 5, (m,), device=DEVICE)
+    dist, idx = check_filtered(q, t, 9, lo, hi, group, exclude, plan=FilterPlan(5, 90), n_chunks=n_chunks)
+    assert bool((idx[0] == -1).all())
+    check_filtered(q, t, 9, lo, hi, plan=FilterPlan(3, 60), n_chunks=n_chunks)
+
+    # a cap below the candidates of most queries: those go through the streaming search again
+    searched = []
+
+    def spy(queries, *args, **kwargs):
+        searched.append(queries.shape[0])
+        return cosine_topk_module.cosine_topk_triton(queries, *args, **kwargs)
+
+    monkeypatch.setattr(cosine_filter, "cosine_topk_triton", spy)
+    check_filtered(q, t, 9, None, None, group, exclude, plan=FilterPlan(5, 12), n_chunks=n_chunks)
+    assert len(searched) == 2 and 0 < searched[1] <= m, searched  # the sample, then the overflow
+
+
+def test_cosine_filtered_thresholds_are_lower_bounds():
+    # the sampled K-th similarity never exceeds the true K-th one: the filter keeps the whole answer
+    q, t, k = unit(40, 32), unit(1000, 32), 10
+    thr = cosine_filter._sampled_thresholds(q, t, k, None, None, None, None, 7, 0.0)
+    ref_dist, _ = cosine_topk_ref(q, t, k)
+    assert bool((thr <= 1.0 - ref_dist[:, k - 1] + 1e-6).all())
+    # and passes far fewer than all tokens: about K * S of them
+    passed = ((q @ t.T) >= thr[:, None]).sum(dim=1).float().mean().item()
+    assert k <= passed < 0.5 * t.shape[0], passed
+
+
+def test_cosine_filtered_ties_and_non_contiguous():
+    base = unit(300, 16)
+    tokens = torch.cat([base, base[:200], base[:100]])  # exact duplicates: groups of equal distances
+    check_filtered(unit(6, 16), tokens, 12, plan=FilterPlan(4, 200))
+    q = strided(unit(20, 60))  # strides (120, 2)
+    t = unit(500, 60).T.contiguous().T  # column-major
+    check_filtered(q, t, 7, plan=FilterPlan(4, 100))
+
+
+def test_cosine_filtered_empty_and_bad_plan():
+    dist, idx = cosine_topk_filtered(unit(0, 8), unit(400, 8), 5, plan=FilterPlan(4, 40))
+    assert dist.shape == (0, 5) and idx.shape == (0, 5)
+    dist, idx = cosine_topk_filtered(unit(3, 8), unit(0, 8), 5, plan=FilterPlan(4, 40))
+    assert bool(torch.isinf(dist).all()) and bool((idx == -1).all())
+    with pytest.raises(ValueError, match=r"cap >= k=5"):
+        cosine_topk_filtered(unit(3, 8), unit(40, 8), 5, plan=FilterPlan(4, 4))
+
+
+def test_flat_search_switch(monkeypatch):
+    # RAID_FAST_FLAT_SEARCH=filter routes the public op through the filtered search when it pays
+    assert cosine_filter.filter_plan(300, 1) == FilterPlan(8, 32)
+    assert cosine_filter.filter_plan(300, 20) is None  # N / K too small: the streaming search
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(args[1].shape[0])
+        return cosine_topk_filtered(*args, **kwargs)
+
+    monkeypatch.setattr(cosine_filter, "cosine_topk_filtered", spy)
+    monkeypatch.setattr(cosine_filter, "FLAT_SEARCH", None)
+    monkeypatch.setenv("RAID_FAST_FLAT_SEARCH", "filter")
+    q, t = unit(5, 16), unit(300, 16)
+    dist, idx = ops.cosine_topk(q, t, 1, backend="triton")
+    assert calls == [300]
+    assert_topk_matches(dist, idx, *cosine_topk_ref(q, t, 1), q, t, cosine_admissible(5, 300))
+    monkeypatch.setenv("RAID_FAST_FLAT_SEARCH", "stream")
+    ops.cosine_topk(q, t, 1, backend="triton")
+    assert calls == [300]
+    monkeypatch.setenv("RAID_FAST_FLAT_SEARCH", "radix")
+    with pytest.raises(ValueError, match=r"RAID_FAST_FLAT_SEARCH must be one of \['stream', 'filter'\], got 'radix'"):
+        ops.cosine_topk(q, t, 1, backend="triton")
+
+
+def test_filter_slack_orders_precisions():
+    ieee, x3, tf32 = (cosine_filter.filter_slack(384, p) for p in ("ieee", "tf32x3", "tf32"))
+    assert 0 < ieee < x3 < tf32 < 4e-3
 
 
 def test_ivf_topk_k256():
