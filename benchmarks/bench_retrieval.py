@@ -4,9 +4,9 @@ Providers: ``hierarchical``, ``flat_single`` (the routed class), ``flat_multi`` 
 ``raid_fast.retrieve``; ``matmul_topk``, the plain torch baseline of flat multi-class search (one
 float32 matmul per block of query rows, then ``torch.topk``); ``faiss_ivf`` on the CPU; on a GPU
 also ``hierarchical_tf32x3`` and ``flat_multi_tf32x3``, the Triton search tiles on TF32 tensor cores
-(``RAID_FAST_DOT_PRECISION``), and ``flat_multi_filter`` / ``flat_multi_filter_tf32x3``, the
-threshold-filtered flat search (``RAID_FAST_FLAT_SEARCH``), checked against the reference like the
-others.
+(``RAID_FAST_DOT_PRECISION``), and ``flat_multi_filter`` / ``flat_multi_filter_tf32x3`` /
+``flat_multi_filter_fp16``, the threshold-filtered flat search (``RAID_FAST_FLAT_SEARCH``), checked
+against the reference like the others.
 
 Workloads (DESIGN.md section 9): ``mvtec256`` (15 classes x 80 templates x 18x18 tokens, D = 384,
 S = 50, P = 5, K = 150) and ``mvtec448`` (32x32 tokens); ``small`` is a CI-sized stand-in.
@@ -113,6 +113,7 @@ def _with_kernel_setting(fn, module: str, name: str, value: str):
 VARIANTS = {
     "_tf32x3": ("cosine_topk", "DOT_PRECISION", "tf32x3"),
     "_filter": ("cosine_filter", "FLAT_SEARCH", "filter"),
+    "_filter_fp16": ("cosine_filter", "FLAT_SEARCH", "filter_fp16"),
 }
 
 
@@ -171,7 +172,13 @@ def providers(device: str) -> list[str]:
     if device == "cpu" and importable("faiss"):
         names.append("faiss_ivf")
     if device.startswith("cuda"):
-        names += ["hierarchical_tf32x3", "flat_multi_tf32x3", "flat_multi_filter", "flat_multi_filter_tf32x3"]
+        names += [
+            "hierarchical_tf32x3",
+            "flat_multi_tf32x3",
+            "flat_multi_filter",
+            "flat_multi_filter_tf32x3",
+            "flat_multi_filter_fp16",
+        ]
     return names
 
 
@@ -197,6 +204,8 @@ def gate(w: Workload, device: str) -> None:
             ("flat_single_filter", ref),
             ("flat_multi_filter", multi_ref),
             ("flat_multi_filter_tf32x3", multi_ref),
+            ("flat_single_filter_fp16", ref),
+            ("flat_multi_filter_fp16", multi_ref),
         ):
             fn, out = setup(w, provider, device)
             fn()
@@ -252,7 +261,14 @@ def run(size: str, device: str, out_dir: str | None, rounds: int = 5) -> list[di
     for base in ("flat_multi", "flat_single", "faiss_ivf", "matmul_topk"):
         if base in times:
             print(f"  hierarchical vs {base}: {times[base] / times['hierarchical']:.1f}x faster")
-    for flat in ("flat_multi", "flat_multi_tf32x3", "flat_multi_filter", "flat_multi_filter_tf32x3"):
+    flats = (
+        "flat_multi",
+        "flat_multi_tf32x3",
+        "flat_multi_filter",
+        "flat_multi_filter_tf32x3",
+        "flat_multi_filter_fp16",
+    )
+    for flat in flats:
         if flat in times and "matmul_topk" in times:
             print(f"  {flat} vs matmul_topk: {times['matmul_topk'] / times[flat]:.2f}x faster")
     if out_dir is not None:
@@ -277,6 +293,7 @@ def bench_device() -> str:
         "flat_multi_tf32x3",
         "flat_multi_filter",
         "flat_multi_filter_tf32x3",
+        "flat_multi_filter_fp16",
     ],
 )
 def test_retrieve(benchmark, bench_size, bench_rounds, bench_device, provider):

@@ -2,11 +2,12 @@
 
 Cases (``--scale full``: the ``mvtec448`` workloads; ``small``: CI-sized stand-ins for a rehearsal):
 ``retrieve_b1`` / ``retrieve_b32`` (hierarchical retrieve + cost volume: the 150 us batch-1 and
-50 us/image batch-32 targets), ``flat_b1`` (flat multi-class; ``flat_filter_b1`` the same with the threshold-filtered search where
-triton serves it), ``lloyd_fp16`` / ``lloyd_fp32`` (one
-Lloyd iteration over every class: the triton half-precision step and the float32 step of the auto
-backend). For each: the wall time per call, kernel launches per call, and the operators and
-kernels sorted by their own device time (CPU time on a CPU), written as one text report.
+50 us/image batch-32 targets), ``flat_b1`` (flat multi-class; ``flat_filter_b1`` and
+``flat_filter_fp16_b1`` the same with the threshold-filtered search, where triton serves it),
+``lloyd_fp16`` / ``lloyd_fp32`` (one Lloyd iteration over every class: the triton half-precision
+step and the float32 step of the auto backend). For each: the wall time per call, kernel launches
+per call, and the operators and kernels sorted by their own device time (CPU time on a CPU),
+written as one text report.
 
 Timing comes from the benchmarks proper; this says which kernel or which host gap to attack next.
 ``python -m benchmarks.kernel_profile --device cuda --scale full --out benchmarks/results``
@@ -45,9 +46,10 @@ def _cases(device: str, scale: str) -> dict:
     db, q, qc = bench_retrieval.make_database(w, device)
     cases["flat_b1"] = lambda: rf.retrieve(q, db, query_cls=qc, k=w.k, mode="flat").cost_volume(w.grid, w.grid)
     if rf.backends()["cosine_topk"].get("triton") == "ok":
-        cases["flat_filter_b1"] = bench_retrieval._with_kernel_setting(
-            cases["flat_b1"], "cosine_filter", "FLAT_SEARCH", "filter"
-        )
+        for search in ("filter", "filter_fp16"):
+            cases[f"flat_{search}_b1"] = bench_retrieval._with_kernel_setting(
+                cases["flat_b1"], "cosine_filter", "FLAT_SEARCH", search
+            )
 
     kw = bench_kmeans.WORKLOADS["full15" if full else "small15"]
     x, init = bench_kmeans.make_data(kw, device)

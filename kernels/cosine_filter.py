@@ -10,32 +10,44 @@ Letters as in ``cosine_topk``; S the sample stride, CAP candidate slots per quer
 1. Threshold: the streaming search over the sample ``tokens[::S]`` (same ranges and groups).
    Its K-th best similarity tau[m] is a lower bound on the K-th best over all tokens, since the
    sample is a subset; about K * S tokens of the whole database reach it.
-2. ``_filter_candidates_kernel``, grid (cdiv(M, BM), C): every q . t tile of the whole database
-   (the same ``_sim_tile`` as the streaming kernel); each admissible similarity >= tau[m] - slack
-   is appended as a packed key to query m's row of a [M, CAP] buffer (a relaxed atomic add per
-   query and tile reserves the slots, a prefix sum over the tile's row places them). ``slack`` bounds how far two evaluations of the same q . t at the same
-   dot precision can differ (``filter_slack``), so every token of the final top-K passes, ties at
-   the K-th distance included.
-3. ``_candidate_topk_kernel``, grid (cdiv(M, BM),): top-K of each query's candidates, written as
-   dist/idx in their final layout.
+2. ``_filter_candidates_kernel``, grid (cdiv(M, 64), C): every q . t tile of the whole database
+   (the same ``_sim_tile`` as the streaming kernel, 64 x 64 tiles); each admissible
+   similarity >= tau[m] - slack is appended as a packed key to query m's row of a [M, CAP] buffer
+   (a relaxed atomic add per query and tile reserves the slots, a prefix sum over the tile's row
+   places them). ``slack`` bounds how far two evaluations of the same q . t at the same dot
+   precision can differ (``filter_slack``), so every token of the final top-K passes, ties at the
+   K-th distance included.
+3. ``_candidate_topk_kernel``, grid (cdiv(M, BM),) as the streaming merge: the top-K of each
+   query's candidates, written as dist/idx in their final layout.
 4. A query with more than CAP candidates (an unlucky sample, or a range with fewer than K sampled
    tokens and more than CAP in all) is searched again with the streaming kernel. Knowing which
    costs one host sync per call, paid only on this path.
 
 The result is the streaming kernel's (the same similarities; equal up to the order inside a tie).
 Assumes what the op promises: queries and tokens of norm <= ~1, which bounds the slack.
+
+``"filter_fp16"`` runs step 2 on float16 copies (tensor cores; the token copy is made once per
+tokens tensor and kept while that tensor lives unchanged) with the slack of float16 rounding added
+to the threshold, so the candidates still hold every token of the exact answer. Their keys carry
+float16-accurate similarities, so step 3 keeps the K2 = 2 * K_PAD best by those, and
+``_rerank_kernel`` recomputes them exactly (fp32 products) before the final top-K. That is exact
+when the K-th exact similarity beats the K2-th approximate one by more than the slack (nothing left
+out can reach the answer) or when a query has at most K2 candidates; other queries take the
+streaming search again, like an overflow.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import weakref
 from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 from raid_fast.kernels.cosine_topk import (
+    MAX_K,
     MAX_TOKENS,
     SENTINEL,
     _merge_keys,
@@ -51,7 +63,7 @@ from raid_fast.kernels.cosine_topk import (
 
 # None: the RAID_FAST_FLAT_SEARCH environment variable, else "stream"
 FLAT_SEARCH: Optional[str] = None
-FLAT_SEARCHES = ("stream", "filter")
+FLAT_SEARCHES = ("stream", "filter", "filter_fp16")
 # the sample stride stays within these: 1 is the whole database (nothing saved); a larger stride
 # makes the threshold pass cheaper and the candidate lists longer (about K * S per query)
 MIN_SAMPLE_STRIDE = 4
@@ -64,11 +76,13 @@ MAX_ROUND_BYTES = 2**28
 
 
 def flat_search() -> str:
-    """How the triton backend of ``cosine_topk`` searches: ``"stream"`` (default) or ``"filter"``.
+    """How the triton backend of ``cosine_topk`` searches: ``"stream"`` (default), ``"filter"`` or
+    ``"filter_fp16"``.
 
     ``"stream"``: one pass, a running top-K per query updated tile by tile. ``"filter"``: a pass over
     a sample for a per-query threshold, a pass over everything that only compares and appends, and
-    a top-K over the few candidates (this module). Same results; the faster one depends on the GPU
+    a top-K over the few candidates (this module); ``"filter_fp16"`` the same with the compare pass
+    on float16 tensor cores and an exact re-rank. Same results; the faster one depends on the GPU
     and the sizes, so it is a switch (``RAID_FAST_FLAT_SEARCH``) measured by the benchmarks.
     """
     value = FLAT_SEARCH if FLAT_SEARCH is not None else os.environ.get("RAID_FAST_FLAT_SEARCH", "stream")
@@ -98,14 +112,31 @@ def filter_plan(n: int, k: int) -> Optional[FilterPlan]:
     return FilterPlan(stride, CAP_FACTOR * k * stride)
 
 
+class FilterConfig(NamedTuple):
+    """Launch shape of the filter pass: BM query rows, BN token rows per tile."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def filter_config() -> FilterConfig:
+    # no running top-K lives in registers here, so a query block can be as tall as a tensor-core
+    # tile: each token tile then serves 64 queries per read (the streaming kernel's BM is 16 or 32).
+    # From ptxas on sm_90 (not timings): 64 x 128 tiles spill 80-124 bytes, 4 warps spill more,
+    # 64 x 64 on 8 warps spills 0-16
+    return FilterConfig(64, 64, 8, 2)
+
+
 def filter_slack(d: int, precision: str) -> float:
     """Upper bound on |s1 - s2| for two evaluations of the same q . t (|q|, |t| <= 1) at ``precision``,
     plus the rounding of the threshold's 1 - (1 - s) round trip.
 
     One fp32 dot of length D is within (D + 2) * 2^-24 of the exact value (the products, the sum,
     the norm slack); TF32 operands round to 11 significant bits (2^-11 each, 2^-10 per product
-    summed over |q_i t_i| <= 1), tf32x3 drops the lo * lo term (2^-22); tensor-core accumulation is
-    allowed (D + 2) * 2^-23. The bound is loose on purpose: a wider band only admits a few more
+    summed over |q_i t_i| <= 1), as do float16 ones (``"fp16"``, plus its subnormals), tf32x3 drops
+    the lo * lo term (2^-22); tensor-core accumulation is allowed (D + 2) * 2^-23. The bound is loose on purpose: a wider band only admits a few more
     candidates.
     """
     single = (d + 2) * 2.0**-24
@@ -113,6 +144,10 @@ def filter_slack(d: int, precision: str) -> float:
         single = 2.0**-21 + (d + 2) * 2.0**-23
     elif precision == "tf32":
         single = 2.0**-10 + 2.0**-21 + (d + 2) * 2.0**-23
+    elif precision == "fp16":
+        # as tf32 (11 significant bits), plus components below float16's normal range (< 2^-14),
+        # rounded to absolute 2^-25 each
+        single = 2.0**-10 + 2.0**-21 + (d + 2) * 2.0**-23 + d * 2.0**-24
     return 2.0 * single + 2.0**-22
 
 
@@ -216,6 +251,58 @@ def _candidate_topk_kernel(
     tl.store(idx_ptr + o_m[:, None] * K + o_k[None, :], b_idx, mask=m_out)
 
 
+@triton.jit
+def _rerank_kernel(
+    q_ptr,
+    t_ptr,
+    idx_ptr,
+    sim_ptr,
+    R,
+    D,
+    stride_qm,
+    stride_qd,
+    stride_tn,
+    stride_td,
+    BR: tl.constexpr,
+    BD: tl.constexpr,
+):
+    # sim[m, r] = q_m . t_idx[m, r] in fp32 products (-inf where idx < 0), for R candidates per query
+    i_m = tl.program_id(0).to(tl.int64)
+    o_r = tl.program_id(1) * BR + tl.arange(0, BR)  # [BR]
+    m_r = o_r < R
+    b_idx = tl.load(idx_ptr + i_m * R + o_r, mask=m_r, other=-1)  # [BR]
+    m_t = b_idx >= 0
+    b_sim = tl.zeros([BR], dtype=tl.float32)
+    for d0 in range(0, D, BD):
+        o_d = d0 + tl.arange(0, BD)  # [BD]
+        m_d = o_d < D
+        b_q = tl.load(q_ptr + i_m * stride_qm + o_d * stride_qd, mask=m_d, other=0.0)  # [BD]
+        p_t = t_ptr + b_idx[:, None] * stride_tn + o_d[None, :] * stride_td
+        b_t = tl.load(p_t, mask=m_t[:, None] & m_d[None, :], other=0.0)  # [BR, BD]
+        b_sim += tl.sum(b_t * b_q[None, :], axis=1)
+    tl.store(sim_ptr + i_m * R + o_r, tl.where(m_t, b_sim, float("-inf")), mask=m_r)
+
+
+# (weak reference to a tokens tensor, its version counter, its float16 copy): the last one converted
+_HALF_TOKENS: Optional[tuple] = None
+
+
+def half_tokens(tokens: torch.Tensor) -> torch.Tensor:
+    """A float16 copy of ``tokens``, made once and reused while the same tensor lives unchanged.
+
+    The version counter moves with every in-place write to the tensor or a view of it, and the weak
+    reference dies with the tensor, so a stale copy is never used (it would break the slack bound).
+    """
+    global _HALF_TOKENS
+    if _HALF_TOKENS is not None:
+        ref, version, half = _HALF_TOKENS
+        if ref() is tokens and version == tokens._version:
+            return half
+    half = tokens.to(torch.float16).contiguous()
+    _HALF_TOKENS = (weakref.ref(tokens), tokens._version, half)
+    return half
+
+
 def _sampled_thresholds(queries, tokens, k, lo, hi, token_group, exclude_group, stride, slack):
     """thr [M] float32: the K-th best similarity over ``tokens[::stride]`` minus ``slack`` (-inf when
     the sample holds fewer than K admissible tokens for the query: every token is a candidate)."""
@@ -240,13 +327,17 @@ def cosine_topk_filtered(
     token_group: Optional[torch.Tensor] = None,
     exclude_group: Optional[torch.Tensor] = None,
     *,
+    half: bool = False,
     plan: Optional[FilterPlan] = None,
+    rerank: Optional[int] = None,
     n_chunks: Optional[int] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``cosine_topk_triton`` by threshold filtering (module docstring); same arguments and results.
 
-    ``plan`` overrides ``filter_plan`` (tests use small strides and caps); ``n_chunks`` the split of
-    the token axis in the filter pass. Falls back to the streaming search when no plan pays.
+    ``half``: the compare pass on float16 copies, then the exact re-rank (``"filter_fp16"``).
+    ``plan`` overrides ``filter_plan`` (tests use small strides and caps), ``rerank`` the K2
+    candidates re-ranked exactly (a power of two >= 16), ``n_chunks`` the split of the token axis
+    in the filter pass. Falls back to the streaming search when no plan pays.
     """
     m, d = queries.shape
     n = tokens.shape[0]
@@ -260,6 +351,12 @@ def cosine_topk_filtered(
     if plan.sample_stride < 1 or plan.cap < k:
         msg = f"plan needs sample_stride >= 1 and cap >= k={k}, got {plan}"
         raise ValueError(msg)
+    cfg = topk_config(k)
+    # K2: the approximate top list re-ranked exactly; the kernels' K is at most MAX_K
+    k2 = rerank if rerank is not None else min(2 << cfg.log_k, MAX_K)
+    if half and (k2 < k or k2 > MAX_K or k2 & (k2 - 1)):
+        msg = f"rerank must be a power of two in [k={k}, {MAX_K}], got {k2}"
+        raise ValueError(msg)
     has_range = lo is not None or hi is not None
     if has_range:
         lo = torch.zeros(m, dtype=torch.int64, device=dev) if lo is None else lo.to(torch.int64).contiguous()
@@ -270,29 +367,42 @@ def cosine_topk_filtered(
         exclude_group = exclude_group.contiguous()
 
     precision = dot_precision()
+    slack = filter_slack(d, precision)
+    half_slack = filter_slack(d, "fp16")
     thr = _sampled_thresholds(
-        queries, tokens, k, lo, hi, token_group, exclude_group, plan.sample_stride, filter_slack(d, precision)
+        queries,
+        tokens,
+        k,
+        lo,
+        hi,
+        token_group,
+        exclude_group,
+        plan.sample_stride,
+        slack + (half_slack if half else 0.0),
     )  # [M]
-    cfg = topk_config(k)
-    bn = 1 << cfg.log_bn
-    dist = torch.empty((m, k), dtype=torch.float32, device=dev)
-    idx = torch.empty((m, k), dtype=torch.int64, device=dev)
+    scan_q, scan_t = (queries.to(torch.float16), half_tokens(tokens)) if half else (queries, tokens)
+    top_k = k2 if half else k
+    kcfg = topk_config(top_k)
+    fcfg = filter_config()
+    bn = fcfg.block_n
+    dist = torch.empty((m, top_k), dtype=torch.float32, device=dev)
+    idx = torch.empty((m, top_k), dtype=torch.int64, device=dev)
     count = torch.zeros(m, dtype=torch.int32, device=dev)
-    rows = max(cfg.block_m, MAX_ROUND_BYTES // (8 * plan.cap) // cfg.block_m * cfg.block_m)
+    rows = max(fcfg.block_m, MAX_ROUND_BYTES // (8 * plan.cap) // fcfg.block_m * fcfg.block_m)
     cand = torch.empty((min(m, rows), plan.cap), dtype=torch.int64, device=dev)  # [rows, CAP] keys
     n_tiles = triton.cdiv(n, bn)
     for r0 in range(0, m, rows):
         r1 = min(m, r0 + rows)
         mr = r1 - r0
-        m_blocks = triton.cdiv(mr, cfg.block_m)
+        m_blocks = triton.cdiv(mr, fcfg.block_m)
         chunks = n_chunks if n_chunks is not None else _num_chunks(m_blocks, n_tiles, dev)
         chunks = max(1, min(chunks, n_tiles, 65535))
         chunk_n = triton.cdiv(n_tiles, chunks) * bn
         chunks = triton.cdiv(n, chunk_n)
-        q = queries[r0:r1]
+        q = scan_q[r0:r1]
         _filter_candidates_kernel[(m_blocks, chunks)](
             q,
-            tokens,
+            scan_t,
             lo[r0:r1] if has_range else q,
             hi[r0:r1] if has_range else q,
             token_group if has_group else q,
@@ -307,34 +417,38 @@ def cosine_topk_filtered(
             chunk_n,
             q.stride(0),
             q.stride(1),
-            tokens.stride(0),
-            tokens.stride(1),
+            scan_t.stride(0),
+            scan_t.stride(1),
             HAS_RANGE=has_range,
             HAS_GROUP=has_group,
-            BM=cfg.block_m,
+            BM=fcfg.block_m,
             BN=bn,
             BD=block_d(d),
             DOT=cfg.dot_precision,
-            num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
+            num_warps=fcfg.num_warps,
+            num_stages=fcfg.num_stages,
         )
-        _candidate_topk_kernel[(m_blocks,)](
+        _candidate_topk_kernel[(triton.cdiv(mr, kcfg.block_m),)](
             cand,
             count[r0:r1],
             dist[r0:r1],
             idx[r0:r1],
             mr,
-            k,
+            top_k,
             plan.cap,
-            BM=cfg.block_m,
-            LOG_K=cfg.log_k,
-            LOG_BN=cfg.log_bn,
-            NATIVE_SORT=cfg.native_sort,
-            num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
+            BM=kcfg.block_m,
+            LOG_K=kcfg.log_k,
+            LOG_BN=kcfg.log_bn,
+            NATIVE_SORT=kcfg.native_sort,
+            num_warps=kcfg.num_warps,
+            num_stages=kcfg.num_stages,
         )
 
-    over = torch.nonzero(count > plan.cap).squeeze(1)  # [R]: the one host sync
+    redo = count > plan.cap  # [M]
+    if half:
+        dist, idx, certified = _rerank(queries, tokens, k, dist, idx, count, half_slack)
+        redo |= ~certified
+    over = torch.nonzero(redo).squeeze(1)  # [R]: the one host sync
     if over.numel() > 0:
         sub = (
             queries[over],
@@ -349,6 +463,43 @@ def cosine_topk_filtered(
     return dist, idx
 
 
+def _rerank(queries, tokens, k, approx_dist, approx_idx, count, half_slack):
+    """Exact top-K of the K2 approximate best candidates, and whether that is the exact answer.
+
+    approx_dist, approx_idx [M, K2] come from float16 similarities. Certified [M] bool: a query had
+    at most K2 candidates (all re-ranked), or its K-th exact similarity beats the K2-th approximate
+    one by more than ``half_slack``, which bounds |approximate - exact| (whatever was not re-ranked
+    is then strictly worse than the K-th).
+    """
+    m, k2 = approx_idx.shape
+    d = queries.shape[1]
+    sims = torch.empty((m, k2), dtype=torch.float32, device=queries.device)  # [M, K2]
+    block_r = 64
+    _rerank_kernel[(m, triton.cdiv(k2, block_r))](
+        queries,
+        tokens,
+        approx_idx,
+        sims,
+        k2,
+        d,
+        queries.stride(0),
+        queries.stride(1),
+        tokens.stride(0),
+        tokens.stride(1),
+        BR=block_r,
+        BD=min(64, max(16, triton.next_power_of_2(d))),
+        num_warps=4,
+    )
+    best, pos = torch.topk(sims, k, dim=1)  # [M, K] descending exact similarities
+    found = torch.isfinite(best)
+    idx = torch.where(found, approx_idx.gather(1, pos), -1)
+    dist = torch.where(found, 1.0 - best, float("inf"))
+    kth_exact = best[:, k - 1]
+    last_approx = 1.0 - approx_dist[:, k2 - 1]  # -inf when slot K2 is empty
+    certified = (count <= k2) | (kth_exact > last_approx + half_slack)
+    return dist, idx, certified
+
+
 def cosine_topk_flat(
     queries: torch.Tensor,
     tokens: torch.Tensor,
@@ -359,9 +510,19 @@ def cosine_topk_flat(
     exclude_group: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The triton backend of ``cosine_topk``: the search ``flat_search()`` names."""
-    if flat_search() == "filter":
-        return cosine_topk_filtered(queries, tokens, k, lo, hi, token_group, exclude_group)
+    search = flat_search()
+    if search != "stream":
+        half = search == "filter_fp16" and k <= MAX_K // 2
+        return cosine_topk_filtered(queries, tokens, k, lo, hi, token_group, exclude_group, half=half)
     return cosine_topk_triton(queries, tokens, k, lo, hi, token_group, exclude_group)
 
 
-__all__ = ["FilterPlan", "cosine_topk_filtered", "cosine_topk_flat", "filter_plan", "filter_slack", "flat_search"]
+__all__ = [
+    "FilterPlan",
+    "cosine_topk_filtered",
+    "cosine_topk_flat",
+    "filter_plan",
+    "filter_slack",
+    "flat_search",
+    "half_tokens",
+]

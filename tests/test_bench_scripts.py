@@ -121,8 +121,9 @@ def test_retrieval_provider_variants_set_their_switches(monkeypatch):
     # a GPU provider such as flat_multi_filter_tf32x3 runs flat_multi with both kernel switches set,
     # and leaves them unset afterwards
     pytest.importorskip("triton")
-    from benchmarks import bench_retrieval
     from raid_fast.kernels import cosine_filter, cosine_topk
+
+    from benchmarks import bench_retrieval
 
     seen = []
     real = rf.retrieve

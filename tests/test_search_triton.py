@@ -175,28 +175,88 @@ def test_cosine_filtered_empty_and_bad_plan():
 
 
 def test_flat_search_switch(monkeypatch):
-    # RAID_FAST_FLAT_SEARCH=filter routes the public op through the filtered search when it pays
+    # RAID_FAST_FLAT_SEARCH=filter / filter_fp16 route the public op through the filtered search
+    # when it pays
     assert cosine_filter.filter_plan(300, 1) == FilterPlan(8, 32)
     assert cosine_filter.filter_plan(300, 20) is None  # N / K too small: the streaming search
     calls = []
 
     def spy(*args, **kwargs):
-        calls.append(args[1].shape[0])
+        calls.append((args[1].shape[0], kwargs["half"]))
         return cosine_topk_filtered(*args, **kwargs)
 
     monkeypatch.setattr(cosine_filter, "cosine_topk_filtered", spy)
     monkeypatch.setattr(cosine_filter, "FLAT_SEARCH", None)
-    monkeypatch.setenv("RAID_FAST_FLAT_SEARCH", "filter")
     q, t = unit(5, 16), unit(300, 16)
-    dist, idx = ops.cosine_topk(q, t, 1, backend="triton")
-    assert calls == [300]
-    assert_topk_matches(dist, idx, *cosine_topk_ref(q, t, 1), q, t, cosine_admissible(5, 300))
+    for search in ("filter", "filter_fp16"):
+        monkeypatch.setenv("RAID_FAST_FLAT_SEARCH", search)
+        dist, idx = ops.cosine_topk(q, t, 1, backend="triton")
+        assert_topk_matches(dist, idx, *cosine_topk_ref(q, t, 1), q, t, cosine_admissible(5, 300))
+    assert calls == [(300, False), (300, True)]
     monkeypatch.setenv("RAID_FAST_FLAT_SEARCH", "stream")
     ops.cosine_topk(q, t, 1, backend="triton")
-    assert calls == [300]
+    assert len(calls) == 2
     monkeypatch.setenv("RAID_FAST_FLAT_SEARCH", "radix")
-    with pytest.raises(ValueError, match=r"RAID_FAST_FLAT_SEARCH must be one of \['stream', 'filter'\], got 'radix'"):
+    with pytest.raises(
+        ValueError, match=r"RAID_FAST_FLAT_SEARCH must be one of \['stream', 'filter', 'filter_fp16'\], got 'radix'"
+    ):
         ops.cosine_topk(q, t, 1, backend="triton")
+
+
+@pytest.mark.parametrize(
+    "m, n, d, k, rerank",
+    [
+        (37, 900, 60, 7, None),  # odd D; K2 = 32
+        (20, 900, 64, 7, 16),  # K2 below the candidates: the certificate decides
+        (9, 1200, 48, 150, None),  # K2 = 512
+    ],
+    ids=lambda v: str(v),
+)
+def test_cosine_filtered_fp16_matches_ref(m, n, d, k, rerank):
+    stride = 4 if k > 100 else 8
+    check_filtered(unit(m, d), unit(n, d), k, half=True, plan=FilterPlan(stride, 8 * k * stride), rerank=rerank)
+
+
+def test_cosine_filtered_fp16_ranges_groups_ties_and_fallback(monkeypatch):
+    m, n = 30, 800
+    q, t = unit(m, 32), unit(n, 32)
+    lo = torch.randint(0, n // 2, (m,), device=DEVICE)
+    hi = lo + torch.randint(0, n // 2, (m,), device=DEVICE)
+    hi[0] = lo[0]
+    group = torch.randint(0, 5, (n,), device=DEVICE)
+    exclude = torch.randint(-1, 5, (m,), device=DEVICE)
+    check_filtered(q, t, 9, lo, hi, group, exclude, half=True, plan=FilterPlan(5, 400), rerank=16)
+    tokens = torch.cat([t[:300], t[:200], t[:100]])  # exact duplicates
+    check_filtered(q, tokens, 12, half=True, plan=FilterPlan(4, 400), rerank=16)
+
+    # a slack so wide that no certificate holds: every query takes the streaming search again
+    searched = []
+
+    def spy(queries, *args, **kwargs):
+        searched.append(queries.shape[0])
+        return cosine_topk_module.cosine_topk_triton(queries, *args, **kwargs)
+
+    real_slack = cosine_filter.filter_slack
+    monkeypatch.setattr(cosine_filter, "filter_slack", lambda d, p: 1.0 if p == "fp16" else real_slack(d, p))
+    monkeypatch.setattr(cosine_filter, "cosine_topk_triton", spy)
+    check_filtered(q, t, 9, half=True, plan=FilterPlan(5, 900), rerank=16)
+    assert searched == [m, m], searched  # the sample, then all of them
+
+
+def test_half_tokens_copy_follows_the_tensor():
+    t = unit(50, 16)
+    first = cosine_filter.half_tokens(t)
+    assert first.dtype == torch.float16 and cosine_filter.half_tokens(t) is first
+    t[3] = -t[3]  # an in-place write moves the version counter: a fresh copy
+    again = cosine_filter.half_tokens(t)
+    assert again is not first and torch.equal(again, t.half())
+    other = t.clone()
+    assert cosine_filter.half_tokens(other) is not again
+
+
+def test_cosine_filtered_bad_rerank():
+    with pytest.raises(ValueError, match=r"rerank must be a power of two in \[k=5, 512\], got 24"):
+        cosine_topk_filtered(unit(3, 8), unit(400, 8), 5, half=True, plan=FilterPlan(4, 40), rerank=24)
 
 
 def test_filter_slack_orders_precisions():

@@ -98,7 +98,7 @@ def exercise_public_ops() -> None:
         finally:
             cosine_topk.DOT_PRECISION = None
     ops.ivf_topk_cost_volume(q, probes, offsets, tokens, 150, None, None, 1, 3, 3, 1.0, backend="triton")
-    # the filtered flat search: K 7 and 150, with ranges and groups, every dot precision
+    # the filtered flat search: K 7 and 150, with ranges and groups, every dot precision, float16
     from raid_fast.kernels.cosine_filter import FilterPlan, cosine_topk_filtered
 
     t = unit(400, 32)
@@ -110,6 +110,9 @@ def exercise_public_ops() -> None:
             cosine_topk_filtered(q, t, 150, plan=FilterPlan(2, 400))
         finally:
             cosine_topk.DOT_PRECISION = None
+    # float16 compare pass and the exact re-rank (K2 = 512 for K = 150, 32 for K = 7)
+    cosine_topk_filtered(q, t, 150, plan=FilterPlan(2, 400), half=True)
+    cosine_topk_filtered(q, t, 7, lo, hi, torch.arange(400) % 5, torch.arange(9) % 5, plan=FilterPlan(4, 40), half=True)
     # the prototype probe: S = 50 (one 64-slot block) and S = 100, aligned and unaligned D
     from raid_fast import _dispatch
 
@@ -161,6 +164,7 @@ def test_kernels_compile_for_sm90(monkeypatch):
         "_topk_merge_kernel",
         "_filter_candidates_kernel",
         "_candidate_topk_kernel",
+        "_rerank_kernel",
         "_ivf_topk_scan_kernel",
         "_cost_volume_kernel",
         "_lloyd_pass_kernel",
