@@ -51,13 +51,14 @@ from raid_fast.kernels.cosine_topk import (
     MAX_TOKENS,
     SENTINEL,
     _merge_keys,
-    _num_chunks,
     _pack_keys,
     _sim_tile,
     _unpack_keys,
+    admissibility_args,
     block_d,
     cosine_topk_triton,
     dot_precision,
+    split_tokens,
     topk_config,
 )
 
@@ -357,14 +358,8 @@ def cosine_topk_filtered(
     if half and (k2 < k or k2 > MAX_K or k2 & (k2 - 1)):
         msg = f"rerank must be a power of two in [k={k}, {MAX_K}], got {k2}"
         raise ValueError(msg)
-    has_range = lo is not None or hi is not None
-    if has_range:
-        lo = torch.zeros(m, dtype=torch.int64, device=dev) if lo is None else lo.to(torch.int64).contiguous()
-        hi = torch.full((m,), n, dtype=torch.int64, device=dev) if hi is None else hi.to(torch.int64).contiguous()
-    has_group = exclude_group is not None
-    if has_group:
-        token_group = token_group.contiguous()
-        exclude_group = exclude_group.contiguous()
+    lo, hi, token_group, exclude_group = admissibility_args(m, n, dev, lo, hi, token_group, exclude_group)
+    has_range, has_group = lo is not None, exclude_group is not None
 
     precision = dot_precision()
     slack = filter_slack(d, precision)
@@ -390,15 +385,11 @@ def cosine_topk_filtered(
     count = torch.zeros(m, dtype=torch.int32, device=dev)
     rows = max(fcfg.block_m, MAX_ROUND_BYTES // (8 * plan.cap) // fcfg.block_m * fcfg.block_m)
     cand = torch.empty((min(m, rows), plan.cap), dtype=torch.int64, device=dev)  # [rows, CAP] keys
-    n_tiles = triton.cdiv(n, bn)
     for r0 in range(0, m, rows):
         r1 = min(m, r0 + rows)
         mr = r1 - r0
         m_blocks = triton.cdiv(mr, fcfg.block_m)
-        chunks = n_chunks if n_chunks is not None else _num_chunks(m_blocks, n_tiles, dev)
-        chunks = max(1, min(chunks, n_tiles, 65535))
-        chunk_n = triton.cdiv(n_tiles, chunks) * bn
-        chunks = triton.cdiv(n, chunk_n)
+        chunks, chunk_n = split_tokens(n, bn, m_blocks, dev, n_chunks)
         q = scan_q[r0:r1]
         _filter_candidates_kernel[(m_blocks, chunks)](
             q,

@@ -329,6 +329,30 @@ def _num_chunks(m_blocks: int, n_tiles: int, device: torch.device) -> int:
     return max(1, min(n_tiles, triton.cdiv(target, m_blocks)))
 
 
+def split_tokens(
+    n: int, bn: int, m_blocks: int, device: torch.device, n_chunks: Optional[int] = None
+) -> tuple[int, int]:
+    """(chunks, chunk_n): the token axis of N in chunks of chunk_n tokens (a multiple of ``bn``),
+    one grid column each; ``n_chunks`` overrides the choice of ``_num_chunks`` (tests)."""
+    n_tiles = triton.cdiv(n, bn)
+    chunks = n_chunks if n_chunks is not None else _num_chunks(m_blocks, n_tiles, device)
+    # grid axis 1 is limited to 65535 programs
+    chunks = max(1, min(chunks, n_tiles, 65535))
+    chunk_n = triton.cdiv(n_tiles, chunks) * bn
+    return triton.cdiv(n, chunk_n), chunk_n
+
+
+def admissibility_args(m: int, n: int, device: torch.device, lo, hi, token_group, exclude_group) -> tuple:
+    """(lo, hi, token_group, exclude_group) as the kernels read them: both range ends or neither
+    (a missing end is 0 or N), contiguous ids; token_group is dropped when nothing is excluded."""
+    if lo is not None or hi is not None:
+        lo = torch.zeros(m, dtype=torch.int64, device=device) if lo is None else lo.contiguous()
+        hi = torch.full((m,), n, dtype=torch.int64, device=device) if hi is None else hi.contiguous()
+    if exclude_group is None:
+        return lo, hi, None, None
+    return lo, hi, token_group.contiguous(), exclude_group.contiguous()
+
+
 def missing(m: int, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """dist [m, k] of +inf and idx [m, k] of -1: the answer when there is nothing to search."""
     dist = torch.full((m, k), float("inf"), dtype=torch.float32, device=device)
@@ -409,24 +433,12 @@ def cosine_topk_triton(
         raise RuntimeError(msg)
     if m == 0 or n == 0:
         return missing(m, k, dev)
-    has_range = lo is not None or hi is not None
-    if has_range:
-        lo = torch.zeros(m, dtype=torch.int64, device=dev) if lo is None else lo.contiguous()
-        hi = torch.full((m,), n, dtype=torch.int64, device=dev) if hi is None else hi.contiguous()
-    has_group = exclude_group is not None
-    if has_group:
-        token_group = token_group.contiguous()
-        exclude_group = exclude_group.contiguous()
+    lo, hi, token_group, exclude_group = admissibility_args(m, n, dev, lo, hi, token_group, exclude_group)
+    has_range, has_group = lo is not None, exclude_group is not None
 
     cfg = topk_config(k)
-    bn = 1 << cfg.log_bn
     m_blocks = triton.cdiv(m, cfg.block_m)
-    n_tiles = triton.cdiv(n, bn)
-    chunks = n_chunks if n_chunks is not None else _num_chunks(m_blocks, n_tiles, dev)
-    # grid axis 1 is limited to 65535 programs
-    chunks = max(1, min(chunks, n_tiles, 65535))
-    chunk_n = triton.cdiv(n_tiles, chunks) * bn
-    chunks = triton.cdiv(n, chunk_n)
+    chunks, chunk_n = split_tokens(n, 1 << cfg.log_bn, m_blocks, dev, n_chunks)
 
     part = torch.empty((m, chunks, k), dtype=torch.int64, device=dev)  # [M, C, K] packed keys
     _cosine_topk_partial_kernel[(m_blocks, chunks)](
