@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
 
@@ -108,7 +108,8 @@ else:
     print("raid_fast build: RAID_FAST_NO_EXT=1, building no extension (pure Python)", flush=True)
 
 setup(
-    packages=["raid_fast", "raid_fast.ref", "raid_fast.ops", "raid_fast.kernels"],
+    # every package under raid_fast/, plus the top-level kernels/ folder installed as raid_fast.kernels
+    packages=[*find_packages(include=["raid_fast", "raid_fast.*"]), "raid_fast.kernels"],
     package_dir={"raid_fast.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

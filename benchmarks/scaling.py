@@ -121,8 +121,8 @@ def real_feature_recall(nprobes: list[int], k: int, image_size: int = 256) -> li
     """recall@K of hierarchical retrieval on efficientnet_lite0 tokens of the embedded dataset."""
     import tempfile
 
+    from raid_fast.app.pipelines import encode
     from raid_fast.data import load_datasets, make_embedded_dataset
-    from raid_fast.workflows import encode
 
     with tempfile.TemporaryDirectory() as tmp:
         root = make_embedded_dataset(Path(tmp) / "embedded", image_size=image_size)

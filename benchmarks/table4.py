@@ -49,6 +49,7 @@ import torch.nn.functional as F
 
 import raid_fast as rf
 from benchmarks import _bench
+from raid_fast.detect.detector import guidance_maps
 
 
 @dataclass(frozen=True)
@@ -207,7 +208,7 @@ def measure_efficiency(row: Row, scale: Scale, db_path: str, device: str, rounds
         res = rf.retrieve(
             tokens, db, query_cls=cls, class_ids=class_ids, k=row.k, nprobe=scale.nprobe, mode=row.retrieval
         )
-        guidance = rf.detector.guidance_maps(tokens, res.proto, grid)
+        guidance = guidance_maps(tokens, res.proto, grid)
         flops_filter = module_flops(filt, guidance, res.cost_volume(*grid))
     flops_retrieval = retrieval_flops(db, tokens, row, routed, scale.nprobe)
     if device.startswith("cuda"):
@@ -281,8 +282,8 @@ def run_accuracy(
     nprobe: int,
 ) -> dict[str, dict]:
     """I-/P-AUROC and recall@K of every row on real backbone features of ``data``."""
+    from raid_fast.app.pipelines import dataset_metrics, encode, load_filter, predict_dataset
     from raid_fast.data import load_datasets, make_embedded_dataset, select_templates
-    from raid_fast.workflows import dataset_metrics, encode, load_filter, predict_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
         if data is None:

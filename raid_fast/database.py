@@ -12,8 +12,6 @@ probed prototype is one slice ``tokens[list_offsets[c*S + j] : list_offsets[c*S 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 from dataclasses import dataclass, field, replace
@@ -22,14 +20,12 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from raid_fast import _checks
-from raid_fast.kmeans import kmeans
+from raid_fast import _checks, database_io
+from raid_fast.clustering import kmeans
 
 logger = logging.getLogger("raid_fast")
 
-FORMAT = "raid_fast.TokenDatabase"
-FORMAT_VERSION = 1
-_TENSORS = (
+TENSOR_FIELDS = (
     "class_prototypes",
     "semantic_prototypes",
     "n_semantic",
@@ -61,10 +57,6 @@ def _labels_tensor(labels, n: int) -> torch.Tensor:
         msg = f"labels must be integers, got dtype {labels.dtype}"
         raise TypeError(msg)
     return labels.to(torch.int64).cpu()
-
-
-def _sha256(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
 @dataclass
@@ -123,20 +115,6 @@ class TokenDatabase:
     @property
     def device(self) -> torch.device:
         return self.tokens.device
-
-    def probe_bias(self) -> tuple[torch.Tensor, int]:
-        """``(bias [C, S] float32 on the database's device, min_used)``: 0 for the prototype slots a
-        class uses and -inf for its empty ones (added to prototype scores, it keeps them out of the
-        top-P), and the smallest ``n_semantic``. Cached: retrieval needs it on every call, and
-        building it per call would cost a host-to-device copy and a few launches."""
-        key = (self.semantic_prototypes.data_ptr(), self.semantic_prototypes.device, self.n_semantic.data_ptr())
-        cached = self.__dict__.get("_probe_bias")
-        if cached is None or cached[0] != key:
-            used = torch.arange(self.s_max)[None, :] < self.n_semantic.cpu()[:, None]  # [C, S]
-            bias = torch.zeros(used.shape).masked_fill_(~used, float("-inf")).to(self.device)
-            cached = (key, bias, int(self.n_semantic.min()) if self.n_classes else 0)
-            self.__dict__["_probe_bias"] = cached
-        return cached[1], cached[2]
 
     @property
     def class_offsets(self) -> torch.Tensor:
@@ -304,20 +282,15 @@ class TokenDatabase:
         )
 
     def classify(self, cls_tokens) -> torch.Tensor:
-        """[B, D] CLS tokens -> [B] int64 class ids: argmax cosine to the class prototypes."""
-        q = self.check_query_cls(cls_tokens)
-        return (F.normalize(q, dim=1) @ self.class_prototypes.T).argmax(dim=1)
-
-    def check_query_cls(self, cls_tokens) -> torch.Tensor:
-        """Validated CLS tokens [B, D] as float32 on the database's device (for ``classify``)."""
-        q = _checks.as_tensor("query_cls", cls_tokens)
-        _checks.check_floating("query_cls", q)
-        _checks.check_ndim("query_cls", q, (2,), f"[B, {self.dim}]")
+        """[B, D] CLS tokens -> [B] int64 class ids: argmax cosine to the class prototypes (first on ties)."""
+        q = _checks.as_tensor("cls_tokens", cls_tokens)
+        _checks.check_floating("cls_tokens", q)
+        _checks.check_ndim("cls_tokens", q, (2,), f"[B, {self.dim}]")
         if q.shape[1] != self.dim:
-            msg = f"query_cls must have D={self.dim} like the database, got shape {tuple(q.shape)}"
+            msg = f"cls_tokens must have D={self.dim} like the database, got shape {tuple(q.shape)}"
             raise ValueError(msg)
-        _checks.check_same_device(query_cls=q, database=self.class_prototypes)
-        return q.float()
+        _checks.check_same_device(cls_tokens=q, database=self.class_prototypes)
+        return (F.normalize(q.float(), dim=1) @ self.class_prototypes.T).argmax(dim=1)
 
     def add(self, patch_tokens, cls_tokens, labels=None) -> TokenDatabase:
         """Adds template images without re-clustering; returns ``self``.
@@ -374,73 +347,25 @@ class TokenDatabase:
             torch.cat([self.token_pos, torch.arange(n_pos, device=self.device).repeat(n_new)]),
             torch.cat([self.image_class, new_class]),
         )
-        for name in _TENSORS:
+        for name in TENSOR_FIELDS:
             setattr(self, name, getattr(merged, name))
         return self
 
     def to(self, device) -> TokenDatabase:
         """A copy on ``device`` (``n_semantic`` stays on the CPU)."""
-        moved = {name: getattr(self, name).to(device) for name in _TENSORS if name != "n_semantic"}
+        moved = {name: getattr(self, name).to(device) for name in TENSOR_FIELDS if name != "n_semantic"}
         return replace(self, **moved, params=dict(self.params))
 
     def save(self, path: str | os.PathLike) -> None:
-        """Writes a safetensors file; metadata holds the format version, build parameters and a
-        SHA-256 of every tensor, so that a damaged file is detected on load."""
-        from safetensors.torch import save_file
-
-        tensors = {name: getattr(self, name).detach().cpu().contiguous() for name in _TENSORS}
-        meta = {
-            "format": FORMAT,
-            "format_version": str(FORMAT_VERSION),
-            "params": json.dumps(self.params),
-            "class_purity": json.dumps(self.class_purity),
-            "sha256": json.dumps({name: _sha256(t) for name, t in tensors.items()}),
-        }
-        path = os.fspath(path)
-        tmp = path + ".tmp"
-        save_file(tensors, tmp, metadata=meta)
-        # atomic replace: an interrupted save never leaves a half-written database at `path`
-        os.replace(tmp, path)
+        """Writes a safetensors file (see :mod:`raid_fast.database_io`): format version, build
+        parameters and a SHA-256 of every tensor, so that a damaged file is detected on load."""
+        database_io.save(self, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device="cpu", verify: bool = True) -> TokenDatabase:
         """Reads a file written by ``save``; a file of another format version or a damaged file
         raises ``ValueError`` naming the path and the problem."""
-        from safetensors import safe_open
-
-        path = os.fspath(path)
-        if not os.path.isfile(path):
-            msg = f"no token database at {path!r}"
-            raise FileNotFoundError(msg)
-        try:
-            with safe_open(path, framework="pt") as fh:
-                meta = fh.metadata() or {}
-                tensors = {name: fh.get_tensor(name) for name in fh.keys()}
-        except Exception as exc:  # safetensors raises its own error types on damaged headers
-            msg = f"{path!r} is not a readable token database (damaged or truncated file?): {exc}"
-            raise ValueError(msg) from exc
-        if meta.get("format") != FORMAT:
-            msg = f"{path!r} is not a raid_fast token database (format {meta.get('format')!r})"
-            raise ValueError(msg)
-        if meta.get("format_version") != str(FORMAT_VERSION):
-            msg = (
-                f"{path!r} has token-database format version {meta.get('format_version')!r}; this raid_fast "
-                f"reads version {FORMAT_VERSION}: rebuild the database"
-            )
-            raise ValueError(msg)
-        missing = [name for name in _TENSORS if name not in tensors]
-        if missing:
-            msg = f"{path!r} lacks tensors {missing}"
-            raise ValueError(msg)
-        if verify:
-            sums = json.loads(meta.get("sha256", "{}"))
-            bad = [name for name in _TENSORS if sums.get(name) != _sha256(tensors[name])]
-            if bad:
-                msg = f"{path!r} is damaged: checksum mismatch in {bad}"
-                raise ValueError(msg)
-        db = cls(**{name: tensors[name] for name in _TENSORS}, params=json.loads(meta.get("params", "{}")))
-        db.class_purity = json.loads(meta.get("class_purity", "null"))
-        return db.to(device)
+        return database_io.load(path, device, verify)
 
     def stats(self) -> dict[str, Any]:
         """Sizes per level: tokens per class and per list (min / mean / max)."""

@@ -14,7 +14,6 @@ op, fused into the merge where the backend can (triton); ``Retrieval.cost_volume
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from raid_fast import _checks, _dispatch, ops
+from raid_fast import _checks, ops, routing
 from raid_fast.database import TokenDatabase
 from raid_fast.ops.search import ivf_topk_cost_volume
 
@@ -94,35 +93,6 @@ def _queries(query_tokens, db: TokenDatabase) -> tuple[torch.Tensor, Optional[tu
     return q.float(), grid
 
 
-def _routing(class_ids, query_cls, db: TokenDatabase, b: int) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """(class ids [B] int64, or None) and (validated CLS tokens [B, D] to route by, or None): at most
-    one is set; neither when flat retrieval must infer the class from the neighbours."""
-    if class_ids is not None:
-        ids = _checks.as_tensor("class_ids", class_ids)
-        if ids.dim() == 0:
-            ids = ids.expand(b)
-        _checks.check_ndim("class_ids", ids, (1,), f"[{b}]")
-        if ids.shape[0] != b or ids.is_floating_point():
-            msg = f"class_ids must be [{b}] integers (one per image), got {tuple(ids.shape)} {ids.dtype}"
-            raise ValueError(msg)
-        ids = ids.to(device=db.device, dtype=torch.int64)
-        # one host sync for both bounds
-        lo_hi = torch.stack(torch.aminmax(ids)).tolist() if b else [0, 0]
-        if b and (lo_hi[0] < 0 or lo_hi[1] >= db.n_classes):
-            msg = f"class_ids must be in [0, {db.n_classes}), got {ids.tolist()[:8]}"
-            raise ValueError(msg)
-        return ids, None
-    if query_cls is not None:
-        qc = _checks.as_tensor("query_cls", query_cls)
-        if qc.dim() == 2 and qc.shape[0] != b:
-            msg = f"query_cls must be [{b}, {db.dim}] (one per image), got {tuple(qc.shape)}"
-            raise ValueError(msg)
-        return None, db.check_query_cls(qc)
-    if db.n_classes == 1:
-        return torch.zeros(b, dtype=torch.int64, device=db.device), None
-    return None, None
-
-
 def _exclude(exclude_images, b: int, n_pos: int, dev) -> Optional[torch.Tensor]:
     if exclude_images is None:
         return None
@@ -131,42 +101,6 @@ def _exclude(exclude_images, b: int, n_pos: int, dev) -> Optional[torch.Tensor]:
         msg = f"exclude_images must be [{b}] integer template image ids (-1 for none), got {tuple(ex.shape)} {ex.dtype}"
         raise ValueError(msg)
     return ex.to(device=dev, dtype=torch.int64).repeat_interleave(n_pos)  # [B * L]
-
-
-def _probe_backend(backend: Optional[str]) -> Optional[str]:
-    # the prototype probe has torch and triton backends; a request for the extension's searches
-    # (cpp, cuda), by argument or environment, keeps the torch probe it always used
-    requested = backend if backend is not None else (os.environ.get(_dispatch.ENV_BACKEND) or None)
-    if requested is None or requested in ("torch", "triton"):
-        return requested
-    return "torch"
-
-
-def _probe(
-    q: torch.Tensor,
-    db: TokenDatabase,
-    class_ids: Optional[torch.Tensor],
-    query_cls: Optional[torch.Tensor],
-    p: int,
-    backend: Optional[str],
-):
-    """(class ids [B], qn [B * L, D] unit-norm queries, probes [B, L, P] global list ids or -1,
-    proto [B, L, D] top-1 prototypes), routing by ``query_cls`` when ``class_ids`` is None: one
-    launch on triton, since at batch 1 on a GPU launches are the cost."""
-    bias, min_used = db.probe_bias()  # [C, S]
-    _dispatch.load_optional_backends()
-    return _dispatch.call(
-        "probe_prototypes",
-        q,
-        db.semantic_prototypes,
-        bias,
-        class_ids,
-        p,
-        min_used,
-        query_cls,
-        db.class_prototypes,
-        backend=_probe_backend(backend),
-    )
 
 
 def retrieve(
@@ -213,7 +147,7 @@ def retrieve(
     nprobe = _checks.check_int("nprobe", nprobe, minimum=1, maximum=db.s_max if mode == "hierarchical" else None)
     q, grid = _queries(query_tokens, db)  # [B, L, D] float32, not yet unit-norm
     b, n_pos, dim = q.shape
-    ids, qc = _routing(class_ids, query_cls, db, b)
+    ids, qc = routing.resolve(class_ids, query_cls, db, b)
     exclude = _exclude(exclude_images, b, n_pos, db.device)
     group = db.token_image if exclude is not None else None
     volume = None
@@ -222,7 +156,7 @@ def retrieve(
         if ids is None and qc is None:
             msg = f"hierarchical retrieval over {db.n_classes} classes needs query_cls or class_ids"
             raise ValueError(msg)
-        ids, flat_q, probes, proto = _probe(q, db, ids, qc, nprobe, backend)  # [B], [M, D], [B, L, P], [B, L, D]
+        ids, flat_q, probes, proto = routing.probe(q, db, ids, qc, nprobe, backend)  # [B], [M, D], [B, L, P], [B, L, D]
         args = (flat_q, probes.reshape(b * n_pos, probes.shape[-1]), db.list_offsets, db.tokens, k, group, exclude)
         if grid is not None and n_pos > 0:
             # one pass: the search and its [B, K, H, W] volume (fused into the merge on triton)
@@ -247,7 +181,7 @@ def retrieve(
                 if n_pos
                 else torch.zeros(b, dtype=torch.int64, device=db.device)
             )
-        ids, _, probes, proto = _probe(q, db, ids, qc, 1, backend)
+        ids, _, probes, proto = routing.probe(q, db, ids, qc, 1, backend)
         proto_idx = probes[..., 0]
     if b == 0:
         ids = torch.zeros(0, dtype=torch.int64, device=db.device)

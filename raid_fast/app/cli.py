@@ -1,0 +1,273 @@
+"""Command-line interface: ``raid-fast <subcommand>``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import sys
+from collections.abc import Sequence
+
+
+def environment() -> dict:
+    """Versions, devices, the extension's build configuration and the backend table."""
+    import torch
+
+    import raid_fast
+    from raid_fast import _ext
+
+    info = {
+        "raid_fast": raid_fast.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "cpu_threads": torch.get_num_threads(),
+        "extension": _ext.build_info(),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError as exc:
+        info["triton"] = f"not importable ({exc})"
+    info["backends"] = raid_fast.backends()
+    return info
+
+
+def _cmd_env(args: argparse.Namespace) -> int:
+    info = environment()
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    table = info.pop("backends")
+    for key, value in info.items():
+        print(f"{key:>15}: {value}")
+    print("\nbackends (op: backend -> ok | why not)")
+    width = max((len(op) for op in table), default=0)
+    for op, row in table.items():
+        for backend, status in row.items():
+            print(f"  {op:<{width}} {backend:<7} {status}")
+    return 0
+
+
+def _cmd_build_db(args: argparse.Namespace) -> int:
+    from raid_fast.app.pipelines import build_database
+
+    db = build_database(
+        args.data,
+        args.out,
+        backbone=args.backbone,
+        weights=args.weights,
+        image_size=args.image_size,
+        shots=args.shots,
+        n_semantic=args.n_semantic,
+        label_free=args.label_free,
+        kmeans_iters=args.kmeans_iters,
+        kmeans_precision=args.kmeans_precision,
+        seed=args.seed,
+        device=args.device,
+    )
+    print(f"{db} -> {args.out}")
+    if db.class_purity is not None:
+        print(f"label-free class prototypes: purity {db.class_purity:.4f}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from raid_fast.app.pipelines import detector_from_database, evaluate_dataset
+    from raid_fast.app.reports import format_table, write_results
+
+    det, db = detector_from_database(args.db, args.device, args.filter, k=args.k, nprobe=args.nprobe, mode=args.mode)
+    results = evaluate_dataset(det, args.data, db.params["image_size"], batch_size=args.batch_size)
+    print(format_table(results))
+    if args.out:
+        write_results(results, args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from raid_fast.app.pipelines import foreground_modes, train_filter
+    from raid_fast.database import TokenDatabase
+    from raid_fast.detect.training import TrainConfig
+
+    foreground = None
+    if args.foreground:
+        foreground = foreground_modes(TokenDatabase.load(args.db), args.foreground)
+    config = TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        k=args.k,
+        nprobe=args.nprobe,
+        mode=args.mode,
+        seed=args.seed,
+        val_fraction=args.val_fraction,
+        dense_router_epoch=args.dense_router_epoch,
+        amp=not args.no_amp,
+        out_dir=args.out,
+        texture_dir=args.texture_dir,
+        foreground=foreground,
+    )
+    _, history = train_filter(args.data, args.db, config, resume=args.resume, progress=True, device=args.device)
+    for rec in history["epochs"]:
+        val = f"  val loss {rec['val_loss']:.4f}  val P-AUROC {rec['val_p_auroc']:.4f}" if "val_loss" in rec else ""
+        print(f"epoch {rec['epoch']:3d}  train loss {rec['train_loss']:.4f}{val}")
+    best = history["best_epoch"]
+    print(f"checkpoints in {args.out}: last.pt" + (f", best.pt (epoch {best})" if best is not None else ""))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from raid_fast.app.demo import run_demo
+
+    run_demo(
+        args.out,
+        epochs=args.epochs,
+        image_size=args.image_size,
+        k=args.k,
+        nprobe=args.nprobe,
+        seed=args.seed,
+        device=args.device,
+        examples_per_class=args.examples,
+    )
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    import torch
+
+    from raid_fast.app.figures import write_overlays
+    from raid_fast.app.pipelines import detector_from_database
+    from raid_fast.data import load_image
+
+    det, db = detector_from_database(args.db, args.device, args.filter, k=args.k, nprobe=args.nprobe, mode=args.mode)
+    size = db.params["image_size"]
+    images = torch.stack([load_image(p, (size, size)) for p in args.images])
+    out = det.predict(images)
+    for path, score in zip(args.images, out.score.tolist()):
+        print(f"{score:10.4f}  {path}")
+    paths = write_overlays(images, out.pixel_map, out.score, args.out, [str(p) for p in args.images])
+    print(f"wrote {len(paths)} overlays to {args.out}")
+    return 0
+
+
+def _add_detector_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--db", required=True, help="database file written by build-db")
+    p.add_argument(
+        "--filter", default=None, help="trained filter checkpoint, e.g. RUN/best.pt (default: retrieval only)"
+    )
+    p.add_argument("--k", type=int, default=None, help="neighbours per token (default: the filter's, else 150)")
+    p.add_argument("--nprobe", type=int, default=None, help="prototypes probed per token (default: as trained, else 5)")
+    p.add_argument(
+        "--mode", choices=["hierarchical", "flat"], default=None, help="default: as trained, else hierarchical"
+    )
+    p.add_argument("--device", default="cpu")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="raid-fast", description="raid_fast: fast retrieval-augmented anomaly detection"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    env = sub.add_parser("env", help="versions, build flags and which backend serves each op")
+    env.add_argument("--json", action="store_true", help="print as JSON")
+    env.set_defaults(func=_cmd_env)
+
+    bdb = sub.add_parser("build-db", help="build a token database from the train/good images of MVTec-layout folders")
+    bdb.add_argument("--data", nargs="+", required=True, help="dataset root(s) in MVTec layout")
+    bdb.add_argument("--out", required=True, help="database file to write (.safetensors)")
+    bdb.add_argument("--backbone", default="efficientnet_lite0", help="efficientnet_lite0 (offline) or dinov2_vits14")
+    bdb.add_argument("--weights", default=None, help="local weight file (dinov2_vits14)")
+    bdb.add_argument("--image-size", type=int, default=256)
+    bdb.add_argument("--shots", type=int, default=None, help="templates per class (default: all)")
+    bdb.add_argument("--n-semantic", type=int, default=50)
+    bdb.add_argument("--label-free", action="store_true", help="class prototypes by KMeans over CLS tokens")
+    bdb.add_argument("--kmeans-iters", type=int, default=25)
+    bdb.add_argument(
+        "--kmeans-precision",
+        choices=["fp32", "fp16", "bf16"],
+        default="fp32",
+        help="fp16/bf16: half-precision Lloyd iterations (one pass over the tokens per iteration on a GPU)",
+    )
+    bdb.add_argument("--seed", type=int, default=0)
+    bdb.add_argument("--device", default="cpu")
+    bdb.set_defaults(func=_cmd_build_db)
+
+    ev = sub.add_parser("eval", help="per-class metrics on the test split(s)")
+    ev.add_argument("--data", nargs="+", required=True, help="dataset root(s) in MVTec layout")
+    ev.add_argument("--out", default=None, help="write metrics to .json or .csv")
+    ev.add_argument("--batch-size", type=int, default=8)
+    _add_detector_args(ev)
+    ev.set_defaults(func=_cmd_eval)
+
+    tr = sub.add_parser("train", help="train the guided MoE filter on synthetic anomalies of the train images")
+    tr.add_argument("--data", nargs="+", required=True, help="dataset root(s) in MVTec layout (as for build-db)")
+    tr.add_argument("--db", required=True, help="database file written by build-db")
+    tr.add_argument("--out", required=True, help="run folder: last.pt every epoch, best.pt on held-out improvement")
+    tr.add_argument("--epochs", type=int, default=100)
+    tr.add_argument("--batch-size", type=int, default=16)
+    tr.add_argument("--lr", type=float, default=1e-4)
+    tr.add_argument("--k", type=int, default=150, help="neighbours per token = the filter's cost-volume depth")
+    tr.add_argument("--nprobe", type=int, default=5)
+    tr.add_argument("--mode", choices=["hierarchical", "flat"], default="hierarchical")
+    tr.add_argument("--val-fraction", type=float, default=0.1, help="held-out share of the train images per class")
+    tr.add_argument("--dense-router-epoch", type=int, default=0, help="epoch from which router 2 weights the experts")
+    tr.add_argument("--texture-dir", default=None, help="DTD images/ folder for texture anomalies")
+    tr.add_argument(
+        "--foreground",
+        nargs="*",
+        default=None,
+        help="'auto' (the authors' per-class Otsu modes) or CLASS=dark|bright ...",
+    )
+    tr.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    tr.add_argument("--device", default="cpu")
+    tr.set_defaults(func=_cmd_train)
+
+    de = sub.add_parser("demo", help="the whole pipeline on the embedded dataset (minutes on a CPU)")
+    de.add_argument("--out", default="raid_fast_demo", help="folder for the data, database, checkpoints and PNGs")
+    de.add_argument("--epochs", type=int, default=20)
+    de.add_argument("--image-size", type=int, default=256)
+    de.add_argument("--k", type=int, default=150)
+    de.add_argument("--nprobe", type=int, default=5)
+    de.add_argument("--examples", type=int, default=3, help="test images per class drawn as PNG panels")
+    de.add_argument("--seed", type=int, default=0)
+    de.add_argument("--device", default="cpu")
+    de.set_defaults(func=_cmd_demo)
+
+    pr = sub.add_parser("predict", help="anomaly scores and PNG overlays for images")
+    pr.add_argument("images", nargs="+", help="image files")
+    pr.add_argument("--out", required=True, help="folder for the overlay PNGs")
+    _add_detector_args(pr)
+    pr.set_defaults(func=_cmd_predict)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command in ("train", "demo", "build-db", "eval"):
+        _log_progress()
+    return args.func(args)
+
+
+def _log_progress() -> None:
+    """Shows raid_fast's INFO lines (backend choices, one line per training epoch) on stderr; other
+    libraries' loggers are left alone. Idempotent: main() may run several times in one process."""
+    log = logging.getLogger("raid_fast")
+    if not any(getattr(h, "_raid_fast_cli", False) for h in log.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._raid_fast_cli = True
+        log.addHandler(handler)
+    if log.level == logging.NOTSET or log.level > logging.INFO:
+        log.setLevel(logging.INFO)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,302 @@
+"""The jobs behind the command line, as functions: build a database, train the filter, predict and
+evaluate datasets.
+
+Letters: B images, H x W image size, D token dim.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from raid_fast.data import load_datasets, select_templates
+from raid_fast.database import TokenDatabase
+from raid_fast.detect.backbones import load_backbone
+from raid_fast.detect.checkpoints import load_checkpoint
+from raid_fast.detect.detector import Detector
+from raid_fast.detect.metrics import evaluate_per_class
+from raid_fast.detect.perlin import FOREGROUND_MODES
+from raid_fast.detect.training import train
+
+logger = logging.getLogger("raid_fast")
+
+
+def _batches(indices: Sequence[int], batch_size: int) -> Iterable[Sequence[int]]:
+    for start in range(0, len(indices), batch_size):
+        yield indices[start : start + batch_size]
+
+
+def encode(
+    backbone, dataset, indices: Sequence[int], batch_size: int = 16, progress: bool = True, desc: str = "encode"
+):
+    """Backbone tokens of ``dataset[indices]``: tokens [B, L, D], cls [B, D], grid (h, w)."""
+    from tqdm.auto import tqdm
+
+    tokens, cls, grid = [], [], None
+    for chunk in tqdm(list(_batches(list(indices), batch_size)), desc=desc, unit="batch", disable=not progress):
+        images = torch.stack([dataset[i]["image"] for i in chunk])
+        t, c, grid = backbone(images)
+        tokens.append(t.cpu())
+        cls.append(c.cpu())
+    return torch.cat(tokens), torch.cat(cls), grid
+
+
+def build_database(
+    roots: Sequence[os.PathLike],
+    out: os.PathLike,
+    backbone: str = "efficientnet_lite0",
+    weights: Optional[str] = None,
+    image_size: int = 256,
+    shots: Optional[int] = None,
+    n_semantic: int = 50,
+    label_free: bool = False,
+    kmeans_iters: int = 25,
+    seed: int = 0,
+    device: str = "cpu",
+    batch_size: int = 16,
+    progress: bool = True,
+    kmeans_precision: str = "fp32",
+) -> TokenDatabase:
+    """Templates of the train split(s) -> backbone tokens -> ``TokenDatabase`` saved at ``out``.
+
+    The backbone name, weights and image size are stored in the database's parameters, so that
+    evaluation uses the same preprocessing chain.
+    """
+    train = load_datasets(list(roots), split="train", image_size=image_size)
+    chosen = select_templates(train, shots, seed=seed)
+    indices = sorted(i for idx in chosen.values() for i in idx)
+    bb = load_backbone(backbone, weights=weights, device=device, image_size=image_size)
+    tokens, cls, _ = encode(bb, train, indices, batch_size, progress, desc="templates")
+    labels = torch.as_tensor(np.asarray(train.class_ids)[indices])
+    n_classes = len(train.classes)
+    db = TokenDatabase.build(
+        tokens.to(device),
+        cls.to(device),
+        labels=labels,
+        n_classes=n_classes if label_free else None,
+        n_semantic=n_semantic,
+        kmeans_iters=kmeans_iters,
+        seed=seed,
+        kmeans_precision=kmeans_precision,
+        progress=progress,
+    )
+    db.params.update(
+        {
+            "backbone": backbone,
+            "weights": weights,
+            "image_size": image_size,
+            "class_names": list(train.classes),
+            # resolved, so that training finds its templates from any working directory
+            "template_paths": [_resolved(train.samples[i].path) for i in indices],
+        }
+    )
+    db.save(out)
+    return db
+
+
+def database_class_names(db: TokenDatabase) -> list[Optional[str]]:
+    """Dataset class name of each database class; None for all of them in a label-free database."""
+    names = db.params.get("class_names")
+    if names is None or db.params.get("mode") != "labels":
+        return [None] * db.n_classes
+    return [names[int(lab)] for lab in db.params["class_labels"]]
+
+
+def _resolved(path: os.PathLike) -> str:
+    return str(Path(path).resolve())
+
+
+def training_set(
+    roots: Sequence[os.PathLike],
+    db: TokenDatabase,
+    backbone,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The train split(s) as training queries of the filter.
+
+    Returns ``images [N, 3, H, W]`` (CPU, the database's image size), ``image_ids [N]`` (the
+    template id of each image in ``db``, so that training excludes it from its own retrieval; -1
+    for an image that is not a template) and ``class_ids [N]`` (the database class: the template's,
+    the class of the same name in a labelled database, or the CLS routing in a label-free one).
+    """
+    size = db.params["image_size"]
+    train = load_datasets(list(roots), split="train", image_size=size)
+    templates = {_resolved(p): i for i, p in enumerate(db.params.get("template_paths", []))}
+    image_ids = torch.tensor([templates.get(_resolved(s.path), -1) for s in train.samples], dtype=torch.int64)
+    if templates and not bool((image_ids >= 0).any()):
+        logger.warning("raid_fast: none of the training images is a template of the database; is --data the same?")
+    images = torch.stack([train[i]["image"] for i in range(len(train))])  # [N, 3, H, W]
+    class_ids = torch.full((len(train),), -1, dtype=torch.int64)
+    in_db = image_ids >= 0
+    class_ids[in_db] = db.image_class.cpu()[image_ids[in_db]]
+    rest = torch.nonzero(~in_db).flatten()
+    if rest.numel() > 0:
+        names = database_class_names(db)
+        if names[0] is not None:
+            by_name = {n: c for c, n in enumerate(names)}
+            for i in rest.tolist():
+                name = train.classes[int(train.class_ids[i])]
+                if name not in by_name:
+                    msg = f"training image {train.samples[i].path} is of class {name!r}, which the database lacks (classes: {names})"
+                    raise ValueError(msg)
+                class_ids[i] = by_name[name]
+        else:
+            _, cls, _ = encode(backbone, train, rest.tolist(), batch_size, progress, desc="route")
+            class_ids[rest] = db.classify(cls.to(db.device)).cpu()
+    return images, image_ids, class_ids
+
+
+def foreground_modes(db: TokenDatabase, spec: Optional[Sequence[str]]) -> Optional[dict[int, str]]:
+    """``{database class id: "dark" | "bright"}`` from ``["auto"]`` (the authors' per-class modes
+    of :data:`raid_fast.detect.perlin.FOREGROUND_MODES`) or ``["<class>=dark", ...]``; None for no spec."""
+    if not spec:
+        return None
+    names = database_class_names(db)
+    if names[0] is None:
+        msg = "foreground modes need a labelled database (class names); this one is label-free"
+        raise ValueError(msg)
+    if list(spec) == ["auto"]:
+        modes = {
+            c: FOREGROUND_MODES[n.split("/")[-1]] for c, n in enumerate(names) if n.split("/")[-1] in FOREGROUND_MODES
+        }
+        return modes or None
+    by_name = {n: c for c, n in enumerate(names)}
+    modes = {}
+    for item in spec:
+        name, sep, mode = str(item).partition("=")
+        if not sep or name not in by_name or mode not in ("dark", "bright"):
+            msg = (
+                f"foreground must be 'auto' or '<class>=dark|bright' with a class of the database {names}, got {item!r}"
+            )
+            raise ValueError(msg)
+        modes[by_name[name]] = mode
+    return modes
+
+
+def train_filter(
+    roots: Sequence[os.PathLike],
+    db_path: os.PathLike,
+    config,
+    resume: bool = False,
+    progress: bool = True,
+    device: str = "cpu",
+):
+    """Trains the guided MoE filter on the train split(s) with the database at ``db_path``.
+
+    ``config`` is a :class:`raid_fast.TrainConfig`; its image size is set to the database's and its
+    ``out_dir`` receives ``last.pt`` / ``best.pt``. Returns ``(filter, history)``.
+    """
+    db = TokenDatabase.load(db_path, device=device)
+    p = _recorded_params(db, db_path)
+    bb = load_backbone(p["backbone"], weights=p.get("weights"), device=device, image_size=p["image_size"])
+    images, image_ids, class_ids = training_set(roots, db, bb, progress=progress)
+    config.image_size = p["image_size"]
+    config.device = device
+    return train(config, bb, db, images, image_ids, class_ids, resume=resume, progress=progress)
+
+
+def _recorded_params(db: TokenDatabase, db_path: os.PathLike) -> dict:
+    if "backbone" not in db.params or "image_size" not in db.params:
+        msg = f"{str(db_path)!r} does not record its backbone; build it with `raid-fast build-db`"
+        raise ValueError(msg)
+    return db.params
+
+
+def load_filter(path: os.PathLike, device: str = "cpu"):
+    """``(GuidedMoEFilter, training config dict)`` from a checkpoint written by training."""
+    path = Path(path)
+    if not path.is_file():
+        msg = f"filter checkpoint not found: {str(path)!r}"
+        raise FileNotFoundError(msg)
+    try:
+        filt, ckpt = load_checkpoint(path, map_location=device)
+    except (KeyError, TypeError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        msg = f"{str(path)!r} is not a filter checkpoint written by `raid-fast train` ({type(exc).__name__}: {exc})"
+        raise ValueError(msg) from exc
+    return filt.to(device).eval(), ckpt.get("config", {})
+
+
+def detector_from_database(
+    db_path: os.PathLike,
+    device: str = "cpu",
+    filter_path: Optional[os.PathLike] = None,
+    k: Optional[int] = None,
+    nprobe: Optional[int] = None,
+    mode: Optional[str] = None,
+    **kwargs: Any,
+):
+    """Loads a database, the backbone it was built with and optionally a trained filter.
+
+    With a filter, ``k`` is the filter's depth and ``nprobe``/``mode`` default to its training
+    configuration; without one, to 150 / 5 / ``"hierarchical"``. Returns ``(Detector, db)``.
+    """
+    db = TokenDatabase.load(db_path, device=device)
+    p = _recorded_params(db, db_path)
+    bb = load_backbone(p["backbone"], weights=p.get("weights"), device=device, image_size=p["image_size"])
+    flt, cfg = None, {}
+    if filter_path is not None:
+        flt, cfg = load_filter(filter_path, device)
+        if flt.dim != db.dim:
+            msg = f"filter {str(filter_path)!r} was trained on D={flt.dim} tokens, the database holds D={db.dim}"
+            raise ValueError(msg)
+        if k is not None and k != flt.k:
+            msg = f"k must equal the filter's cost-volume depth {flt.k}, got k={k}"
+            raise ValueError(msg)
+        k = flt.k
+    k = k if k is not None else 150
+    nprobe = nprobe if nprobe is not None else cfg.get("nprobe", 5)
+    mode = mode if mode is not None else cfg.get("mode", "hierarchical")
+    return Detector(bb, db, filter=flt, k=k, nprobe=nprobe, mode=mode, **kwargs), db
+
+
+def predict_dataset(
+    detector: Detector,
+    dataset,
+    batch_size: int = 8,
+    progress: bool = True,
+    desc: str = "predict",
+    class_ids: Optional[torch.Tensor] = None,
+):
+    """Scores [N], pixel maps [N, H, W] and masks [N, H, W] of every image of a dataset (CPU);
+    ``class_ids`` [N] fixes each image's database class instead of routing it."""
+    from tqdm.auto import tqdm
+
+    scores, maps, masks = [], [], []
+    for chunk in tqdm(
+        list(_batches(list(range(len(dataset))), batch_size)), desc=desc, unit="batch", disable=not progress
+    ):
+        items = [dataset[i] for i in chunk]
+        ids = None if class_ids is None else class_ids[chunk[0] : chunk[0] + len(chunk)]
+        out = detector.predict(torch.stack([it["image"] for it in items]), class_ids=ids)
+        scores.append(out.score.cpu())
+        maps.append(out.pixel_map.cpu())
+        masks.append(torch.stack([it["mask"][0] for it in items]))
+    return torch.cat(scores), torch.cat(maps), torch.cat(masks)
+
+
+def dataset_metrics(
+    dataset, scores: torch.Tensor, maps: torch.Tensor, masks: torch.Tensor
+) -> dict[str, dict[str, float]]:
+    """Per-class metrics (and their mean) of predictions on a dataset's test split."""
+    classes = [dataset.classes[c] for c in np.asarray(dataset.class_ids)]
+    return evaluate_per_class(scores, torch.as_tensor(np.asarray(dataset.labels)), classes, maps, masks)
+
+
+def evaluate_dataset(
+    detector: Detector,
+    roots: Sequence[os.PathLike],
+    image_size: int,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict[str, dict[str, float]]:
+    """Per-class metrics (and their mean) of a detector on the test split(s)."""
+    test = load_datasets(list(roots), split="test", image_size=image_size)
+    return dataset_metrics(test, *predict_dataset(detector, test, batch_size, progress, desc="eval"))
