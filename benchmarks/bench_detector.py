@@ -73,17 +73,17 @@ def test_cost_volume(benchmark, bench_size, bench_device):
 def test_filter_forward(benchmark, bench_size, bench_rounds, bench_device):
     s = _size(bench_size)
     torch.manual_seed(0)
-    filt = rf.GuidedMoEFilter(dim=s.dim, k=s.k).eval()
+    filter = rf.GuidedMoEFilter(dim=s.dim, k=s.k).eval()
     gen = torch.Generator().manual_seed(1)
     guidance = torch.randn(s.batch, 2 * s.dim, s.grid, s.grid, generator=gen)
     cost = torch.rand(s.batch, s.k, s.grid, s.grid, generator=gen)
     with torch.no_grad():
-        ref, _ = copy.deepcopy(filt).double()(guidance.double(), cost.double())
-    filt, guidance, cost = filt.to(bench_device), guidance.to(bench_device), cost.to(bench_device)
+        ref, _ = copy.deepcopy(filter).double()(guidance.double(), cost.double())
+    filter, guidance, cost = filter.to(bench_device), guidance.to(bench_device), cost.to(bench_device)
 
     def forward():
         with torch.no_grad():
-            return filt(guidance, cost)[0]
+            return filter(guidance, cost)[0]
 
     first, second = forward(), forward()
     if not torch.equal(first, second):
@@ -98,7 +98,7 @@ def test_filter_forward(benchmark, bench_size, bench_rounds, bench_device):
         forward,
         bench_device,
         bench_rounds,
-        {**asdict(s), "params": sum(p.numel() for p in filt.parameters())},
+        {**asdict(s), "params": sum(p.numel() for p in filter.parameters())},
     )
 
 
@@ -118,16 +118,16 @@ def _detector_case(s: Size, device: str):
     labels = torch.arange(s.classes).repeat_interleave(s.templates)
     db = rf.TokenDatabase.build(tokens, cls, labels=labels, n_semantic=16, kmeans_iters=5)
     torch.manual_seed(0)
-    filt = rf.GuidedMoEFilter(dim=db.dim, k=s.k).to(device).eval()
+    filter = rf.GuidedMoEFilter(dim=db.dim, k=s.k).to(device).eval()
     images = torch.rand(s.batch, 3, s.image_size, s.image_size, generator=gen).to(device)
-    return backbone, db, filt, images
+    return backbone, db, filter, images
 
 
 @pytest.mark.parametrize("with_filter", [False, True], ids=["retrieval_only", "filter"])
 def test_predict(benchmark, bench_size, bench_rounds, bench_device, with_filter):
     s = _size(bench_size)
-    backbone, db, filt, images = _detector_case(s, bench_device)
-    kw = {"filter": filt if with_filter else None, "k": s.k, "nprobe": 5}
+    backbone, db, filter, images = _detector_case(s, bench_device)
+    kw = {"filter": filter if with_filter else None, "k": s.k, "nprobe": 5}
     det = rf.Detector(backbone, db, **kw)
     ref = rf.Detector(backbone, db, backend="torch", **kw)
     got, want = det.predict(images), ref.predict(images)

@@ -24,7 +24,6 @@ import argparse
 import sys
 from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
-from typing import Optional
 
 import pytest
 import torch
@@ -189,7 +188,7 @@ def importable(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def gate(w: Workload, device: str, names: Optional[list[str]] = None) -> None:
+def gate(w: Workload, device: str, names: list[str] | None = None) -> None:
     """Hierarchical must equal faiss IVF-Flat on the same lists (when faiss is here), and the
     flat paths among ``names`` (default: every provider here) must equal the exact reference,
     before anything is timed."""
@@ -226,7 +225,7 @@ def gate(w: Workload, device: str, names: Optional[list[str]] = None) -> None:
             raise AssertionError(msg)
 
 
-def run(size: str, device: str, out_dir: str | None, rounds: int = 5, only: Optional[list[str]] = None) -> list[dict]:
+def run(size: str, device: str, out_dir: str | None, rounds: int = 5, only: list[str] | None = None) -> list[dict]:
     """Gates, times and reports the providers of this device (``only``: those of them)."""
     w = WORKLOADS[size]
     names = [name for name in providers(device) if only is None or name in only]

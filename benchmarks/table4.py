@@ -42,7 +42,6 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -166,8 +165,8 @@ def measure_efficiency(row: Row, scale: Scale, db_path: str, device: str, rounds
     """One row's efficiency in this process (called in a fresh one): times, FLOPs, peak memory."""
     db = rf.TokenDatabase.load(db_path, device=device)
     backbone = rf.load_backbone("dinov2_vits14", pretrained=False, image_size=scale.image_size, device=device)
-    filt = rf.GuidedMoEFilter(dim=scale.dim, k=row.k).to(device).eval() if row.use_filter else None
-    det = rf.Detector(backbone, db, filter=filt, k=row.k, nprobe=scale.nprobe, mode=row.retrieval)
+    filter = rf.GuidedMoEFilter(dim=scale.dim, k=row.k).to(device).eval() if row.use_filter else None
+    det = rf.Detector(backbone, db, filter=filter, k=row.k, nprobe=scale.nprobe, mode=row.retrieval)
     gen = torch.Generator().manual_seed(1)
     image = torch.rand(1, 3, scale.image_size, scale.image_size, generator=gen).to(device)
     with torch.no_grad():
@@ -204,12 +203,12 @@ def measure_efficiency(row: Row, scale: Scale, db_path: str, device: str, rounds
     t_pred = _bench.time_fn(predict, device, rounds=rounds)
     flops_backbone = module_flops(backbone, image)
     flops_filter = 0
-    if filt is not None:
+    if filter is not None:
         res = rf.retrieve(
             tokens, db, query_cls=cls, class_ids=class_ids, k=row.k, nprobe=scale.nprobe, mode=row.retrieval
         )
         guidance = guidance_maps(tokens, res.proto, grid)
-        flops_filter = module_flops(filt, guidance, res.cost_volume(*grid))
+        flops_filter = module_flops(filter, guidance, res.cost_volume(*grid))
     flops_retrieval = retrieval_flops(db, tokens, row, routed, scale.nprobe)
     if device.startswith("cuda"):
         peak = torch.cuda.max_memory_allocated() / 2**30
@@ -273,11 +272,11 @@ def run_efficiency(scale_name: str, device: str, rounds: int, rows=ROWS) -> dict
 
 
 def run_accuracy(
-    data: Optional[str],
+    data: str | None,
     backbone_name: str,
-    weights: Optional[str],
+    weights: str | None,
     image_size: int,
-    filter_path: Optional[str],
+    filter_path: str | None,
     device: str,
     nprobe: int,
 ) -> dict[str, dict]:
@@ -299,7 +298,7 @@ def run_accuracy(
             labels = torch.as_tensor(train.class_ids[idx])
             dbs[capacity] = rf.TokenDatabase.build(tokens.to(device), cls.to(device), labels=labels, n_semantic=50)
         dbs["single"] = dbs["multi"]  # the class given: its lists are the single-class database
-        filt = load_filter(filter_path, device)[0] if filter_path is not None else None
+        filter = load_filter(filter_path, device)[0] if filter_path is not None else None
         test_tokens, test_cls, _ = encode(backbone, test, list(range(len(test))), progress=False)
         test_tokens, test_cls = test_tokens.to(device), test_cls.to(device)
         # the database's class of each test image (labels are the dataset's class indices)
@@ -307,9 +306,11 @@ def run_accuracy(
         out = {}
         for row in ROWS:
             db = dbs[row.capacity]
-            use_filter = row.use_filter and filt is not None
-            k = filt.k if use_filter else row.k
-            det = rf.Detector(backbone, db, filter=filt if use_filter else None, k=k, nprobe=nprobe, mode=row.retrieval)
+            use_filter = row.use_filter and filter is not None
+            k = filter.k if use_filter else row.k
+            det = rf.Detector(
+                backbone, db, filter=filter if use_filter else None, k=k, nprobe=nprobe, mode=row.retrieval
+            )
             class_ids = true_class if row.capacity == "single" else None
             metrics = dataset_metrics(test, *predict_dataset(det, test, progress=False, class_ids=class_ids))["mean"]
             res = rf.retrieve(

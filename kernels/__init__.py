@@ -13,7 +13,7 @@ where auto selection skips them.
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -57,7 +57,7 @@ if HAS_TRITON:
         KERNEL_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
 
-def _available() -> Optional[str]:
+def _available() -> str | None:
     if not HAS_TRITON:
         return f"triton is not importable ({TRITON_IMPORT_ERROR})"
     if KERNEL_IMPORT_ERROR is not None:
@@ -67,7 +67,7 @@ def _available() -> Optional[str]:
     return None
 
 
-def _tensor_reason(name: str, t: Optional[torch.Tensor], device: torch.device, dtypes: tuple) -> Optional[str]:
+def _tensor_reason(name: str, t: torch.Tensor | None, device: torch.device, dtypes: tuple) -> str | None:
     if t is None:
         return None
     if t.device != device:
@@ -77,11 +77,11 @@ def _tensor_reason(name: str, t: Optional[torch.Tensor], device: torch.device, d
     return None
 
 
-def _first_reason(*reasons: Optional[str]) -> Optional[str]:
+def _first_reason(*reasons: str | None) -> str | None:
     return next((r for r in reasons if r is not None), None)
 
 
-def _device_reason(t: torch.Tensor) -> Optional[str]:
+def _device_reason(t: torch.Tensor) -> str | None:
     if t.device.type != "cuda" and not TRITON_INTERPRET:
         return f"tensors are on {t.device}; compiled triton kernels need CUDA tensors (or TRITON_INTERPRET=1)"
     return None
@@ -91,7 +91,7 @@ _INT = (torch.int64, torch.int32)
 _F32 = (torch.float32,)
 
 
-def _search_reason(queries: torch.Tensor, tokens: torch.Tensor, k: Any) -> Optional[str]:
+def _search_reason(queries: torch.Tensor, tokens: torch.Tensor, k: Any) -> str | None:
     # only asked once _available() passed, so the kernel module and its limits exist
     max_k, max_dim, max_tokens = _cosine_topk.MAX_K, _cosine_topk.MAX_DIM, _cosine_topk.MAX_TOKENS
     dev = queries.device
@@ -107,7 +107,7 @@ def _search_reason(queries: torch.Tensor, tokens: torch.Tensor, k: Any) -> Optio
     )
 
 
-def _groups_reason(token_group, exclude_group, dev) -> Optional[str]:
+def _groups_reason(token_group, exclude_group, dev) -> str | None:
     if exclude_group is not None and token_group is None:
         return "exclude_group needs token_group"
     return _first_reason(

@@ -41,7 +41,7 @@ from __future__ import annotations
 import math
 import os
 import weakref
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 import triton
@@ -63,7 +63,7 @@ from raid_fast.kernels.cosine_topk import (
 )
 
 # None: the RAID_FAST_FLAT_SEARCH environment variable, else "stream"
-FLAT_SEARCH: Optional[str] = None
+FLAT_SEARCH: str | None = None
 FLAT_SEARCHES = ("stream", "filter", "filter_fp16")
 # the sample stride stays within these: 1 is the whole database (nothing saved); a larger stride
 # makes the threshold pass cheaper and the candidate lists longer (about K * S per query)
@@ -100,7 +100,7 @@ class FilterPlan(NamedTuple):
     cap: int
 
 
-def filter_plan(n: int, k: int) -> Optional[FilterPlan]:
+def filter_plan(n: int, k: int) -> FilterPlan | None:
     """The plan for N tokens and K neighbours, or None when filtering cannot pay (N too small).
 
     Balances the two sorting costs: the threshold pass sorts about N / S keys per query, the
@@ -285,7 +285,7 @@ def _rerank_kernel(
 
 
 # (weak reference to a tokens tensor, its version counter, its float16 copy): the last one converted
-_HALF_TOKENS: Optional[tuple] = None
+_HALF_TOKENS: tuple | None = None
 
 
 def half_tokens(tokens: torch.Tensor) -> torch.Tensor:
@@ -323,15 +323,15 @@ def cosine_topk_filtered(
     queries: torch.Tensor,
     tokens: torch.Tensor,
     k: int,
-    lo: Optional[torch.Tensor] = None,
-    hi: Optional[torch.Tensor] = None,
-    token_group: Optional[torch.Tensor] = None,
-    exclude_group: Optional[torch.Tensor] = None,
+    lo: torch.Tensor | None = None,
+    hi: torch.Tensor | None = None,
+    token_group: torch.Tensor | None = None,
+    exclude_group: torch.Tensor | None = None,
     *,
     half: bool = False,
-    plan: Optional[FilterPlan] = None,
-    rerank: Optional[int] = None,
-    n_chunks: Optional[int] = None,
+    plan: FilterPlan | None = None,
+    rerank: int | None = None,
+    n_chunks: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``cosine_topk_triton`` by threshold filtering (module docstring); same arguments and results.
 
@@ -495,10 +495,10 @@ def cosine_topk_flat(
     queries: torch.Tensor,
     tokens: torch.Tensor,
     k: int,
-    lo: Optional[torch.Tensor] = None,
-    hi: Optional[torch.Tensor] = None,
-    token_group: Optional[torch.Tensor] = None,
-    exclude_group: Optional[torch.Tensor] = None,
+    lo: torch.Tensor | None = None,
+    hi: torch.Tensor | None = None,
+    token_group: torch.Tensor | None = None,
+    exclude_group: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The triton backend of ``cosine_topk``: the search ``flat_search()`` names."""
     search = flat_search()

@@ -22,7 +22,7 @@ networks built from min/max (``NATIVE_SORT`` overrides the choice, for tests and
 from __future__ import annotations
 
 import os
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 import triton
@@ -260,9 +260,9 @@ def _topk_merge_kernel(
 
 
 # None: native tl.topk / tl.bitonic_merge when compiled, the min/max network when interpreted
-NATIVE_SORT: Optional[bool] = None
+NATIVE_SORT: bool | None = None
 # None: the RAID_FAST_DOT_PRECISION environment variable, else "ieee"
-DOT_PRECISION: Optional[str] = None
+DOT_PRECISION: str | None = None
 DOT_PRECISIONS = ("ieee", "tf32x3", "tf32")
 
 
@@ -329,9 +329,7 @@ def _num_chunks(m_blocks: int, n_tiles: int, device: torch.device) -> int:
     return max(1, min(n_tiles, triton.cdiv(target, m_blocks)))
 
 
-def split_tokens(
-    n: int, bn: int, m_blocks: int, device: torch.device, n_chunks: Optional[int] = None
-) -> tuple[int, int]:
+def split_tokens(n: int, bn: int, m_blocks: int, device: torch.device, n_chunks: int | None = None) -> tuple[int, int]:
     """(chunks, chunk_n): the token axis of N in chunks of chunk_n tokens (a multiple of ``bn``),
     one grid column each; ``n_chunks`` overrides the choice of ``_num_chunks`` (tests)."""
     n_tiles = triton.cdiv(n, bn)
@@ -363,10 +361,10 @@ def missing(m: int, k: int, device: torch.device) -> tuple[torch.Tensor, torch.T
 def merge_partials(
     part: torch.Tensor,
     k: int,
-    probes: Optional[torch.Tensor] = None,
-    volume_shape: Optional[tuple[int, int]] = None,
+    probes: torch.Tensor | None = None,
+    volume_shape: tuple[int, int] | None = None,
     pad_cost: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Merges ``part`` [M, C, K] descending keys into (dist [M, K], idx [M, K], volume or None).
 
     ``probes`` [M, C] masks slots (< 0: not searched, never read). ``volume_shape = (B, L)`` with
@@ -413,12 +411,12 @@ def cosine_topk_triton(
     queries: torch.Tensor,
     tokens: torch.Tensor,
     k: int,
-    lo: Optional[torch.Tensor] = None,
-    hi: Optional[torch.Tensor] = None,
-    token_group: Optional[torch.Tensor] = None,
-    exclude_group: Optional[torch.Tensor] = None,
+    lo: torch.Tensor | None = None,
+    hi: torch.Tensor | None = None,
+    token_group: torch.Tensor | None = None,
+    exclude_group: torch.Tensor | None = None,
     *,
-    n_chunks: Optional[int] = None,
+    n_chunks: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-K by 1 - cos of ``queries`` [M, D] over ``tokens`` [N, D] (fp32, any strides).
 

@@ -20,8 +20,6 @@ D dims, K neighbours, BM queries per program, W work items. Semantics:
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
@@ -179,9 +177,9 @@ def _ivf_partials(
     list_offsets: torch.Tensor,
     tokens: torch.Tensor,
     k: int,
-    token_group: Optional[torch.Tensor],
-    exclude_group: Optional[torch.Tensor],
-) -> Optional[torch.Tensor]:
+    token_group: torch.Tensor | None,
+    exclude_group: torch.Tensor | None,
+) -> torch.Tensor | None:
     """part [M, P, K] descending keys per (query, probe slot), or None when nothing can be found."""
     m, d = queries.shape
     p = probes.shape[1]
@@ -237,8 +235,8 @@ def ivf_topk_triton(
     list_offsets: torch.Tensor,
     tokens: torch.Tensor,
     k: int,
-    token_group: Optional[torch.Tensor] = None,
-    exclude_group: Optional[torch.Tensor] = None,
+    token_group: torch.Tensor | None = None,
+    exclude_group: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-K by 1 - cos over the union of each query's probed lists; same contract as ``ivf_topk_ref``.
 
@@ -258,8 +256,8 @@ def ivf_topk_cost_volume_triton(
     list_offsets: torch.Tensor,
     tokens: torch.Tensor,
     k: int,
-    token_group: Optional[torch.Tensor],
-    exclude_group: Optional[torch.Tensor],
+    token_group: torch.Tensor | None,
+    exclude_group: torch.Tensor | None,
     b: int,
     h: int,
     w: int,

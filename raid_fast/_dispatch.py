@@ -18,14 +18,14 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 logger = logging.getLogger("raid_fast")
 
 ENV_BACKEND = "RAID_FAST_BACKEND"
 KNOWN_BACKENDS = ("torch", "cpp", "cuda", "triton")
 
-Reason = Optional[str]
+Reason = str | None
 
 
 @dataclass

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field, replace
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -85,7 +85,7 @@ class TokenDatabase:
     token_pos: torch.Tensor
     image_class: torch.Tensor
     params: dict = field(default_factory=dict)
-    class_purity: Optional[float] = None
+    class_purity: float | None = None
 
     @property
     def n_classes(self) -> int:
@@ -133,12 +133,12 @@ class TokenDatabase:
         patch_tokens,
         cls_tokens,
         labels=None,
-        n_classes: Optional[int] = None,
+        n_classes: int | None = None,
         n_semantic: int = 50,
         kmeans_iters: int = 25,
         seed: int = 0,
         kmeans_precision: str = "fp32",
-        backend: Optional[str] = None,
+        backend: str | None = None,
         progress: bool = False,
     ) -> TokenDatabase:
         """Builds the database from template tokens.

@@ -15,7 +15,6 @@ op, fused into the merge where the backend can (triton); ``Retrieval.cost_volume
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 import numpy as np
 import torch
@@ -47,13 +46,13 @@ class Retrieval:
     proto: torch.Tensor
     proto_idx: torch.Tensor
     class_ids: torch.Tensor
-    grid: Optional[tuple[int, int]] = None
+    grid: tuple[int, int] | None = None
     # (h, w, pad_cost) -> the volume ``retrieve`` built with the search; not a public field
-    _volume: Optional[tuple[tuple[int, int, float], torch.Tensor]] = field(
+    _volume: tuple[tuple[int, int, float], torch.Tensor] | None = field(
         default=None, init=False, repr=False, compare=False
     )
 
-    def cost_volume(self, h: Optional[int] = None, w: Optional[int] = None, pad_cost: float = 1.0) -> torch.Tensor:
+    def cost_volume(self, h: int | None = None, w: int | None = None, pad_cost: float = 1.0) -> torch.Tensor:
         """[B, K, H, W] matching cost volume; channel 0 is the 1-NN cost. ``h, w`` default to the
         query grid; missing neighbours cost ``pad_cost``. The volume built by ``retrieve`` (grid
         input, hierarchical mode, pad_cost 1.0) is returned as is, not copied."""
@@ -74,7 +73,7 @@ def _is_int(v) -> bool:
     return not isinstance(v, bool) and isinstance(v, (int, np.integer))
 
 
-def _queries(query_tokens, db: TokenDatabase) -> tuple[torch.Tensor, Optional[tuple[int, int]]]:
+def _queries(query_tokens, db: TokenDatabase) -> tuple[torch.Tensor, tuple[int, int] | None]:
     q = _checks.as_tensor("query_tokens", query_tokens)
     _checks.check_floating("query_tokens", q)
     _checks.check_ndim("query_tokens", q, (3, 4), f"[B, L, {db.dim}] or [B, {db.dim}, H, W]")
@@ -93,7 +92,7 @@ def _queries(query_tokens, db: TokenDatabase) -> tuple[torch.Tensor, Optional[tu
     return q.float(), grid
 
 
-def _exclude(exclude_images, b: int, n_pos: int, dev) -> Optional[torch.Tensor]:
+def _exclude(exclude_images, b: int, n_pos: int, dev) -> torch.Tensor | None:
     if exclude_images is None:
         return None
     ex = _checks.as_tensor("exclude_images", exclude_images)
@@ -112,7 +111,7 @@ def retrieve(
     nprobe: int = 5,
     mode: str = "hierarchical",
     exclude_images=None,
-    backend: Optional[str] = None,
+    backend: str | None = None,
 ) -> Retrieval:
     """Retrieves the K nearest template tokens of every query token.
 

@@ -13,7 +13,7 @@ the cost.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -77,7 +77,7 @@ def check_class_ids(db: TokenDatabase, class_ids, b: int) -> torch.Tensor:
     return ids
 
 
-def resolve(class_ids, query_cls, db: TokenDatabase, b: int) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+def resolve(class_ids, query_cls, db: TokenDatabase, b: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(class ids [B] int64, or None) and (validated CLS tokens [B, D] to route by, or None): at most
     one is set; neither when flat retrieval must infer the class from the neighbours."""
     if class_ids is not None:
@@ -89,7 +89,7 @@ def resolve(class_ids, query_cls, db: TokenDatabase, b: int) -> tuple[Optional[t
     return None, None
 
 
-def _probe_backend(backend: Optional[str]) -> Optional[str]:
+def _probe_backend(backend: str | None) -> str | None:
     # the prototype probe has torch and triton backends; a request for the extension's searches
     # (cpp, cuda), by argument or environment, keeps the torch probe it always used
     requested = backend if backend is not None else (os.environ.get(_dispatch.ENV_BACKEND) or None)
@@ -101,10 +101,10 @@ def _probe_backend(backend: Optional[str]) -> Optional[str]:
 def probe(
     q: torch.Tensor,
     db: TokenDatabase,
-    class_ids: Optional[torch.Tensor],
-    query_cls: Optional[torch.Tensor],
+    class_ids: torch.Tensor | None,
+    query_cls: torch.Tensor | None,
     p: int,
-    backend: Optional[str],
+    backend: str | None,
 ):
     """(class ids [B], qn [B * L, D] unit-norm queries, probes [B, L, P] global list ids or -1,
     proto [B, L, D] top-1 prototypes), routing by ``query_cls`` when ``class_ids`` is None."""

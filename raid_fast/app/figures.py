@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -29,7 +28,7 @@ def write_overlays(
     scores: torch.Tensor,
     out_dir: os.PathLike,
     names: Sequence[str],
-    vmax: Optional[float] = None,
+    vmax: float | None = None,
 ) -> list[Path]:
     """PNG of each image beside its anomaly map blended over it; maps share one colour scale."""
     from PIL import Image
@@ -62,10 +61,10 @@ def _label(panel: np.ndarray, text: str) -> np.ndarray:
 
 def comparison_row(
     image: torch.Tensor,
-    mask: Optional[torch.Tensor],
+    mask: torch.Tensor | None,
     maps: dict[str, torch.Tensor],
     ranges: dict[str, tuple[float, float]],
-    scores: Optional[dict[str, float]] = None,
+    scores: dict[str, float] | None = None,
 ) -> np.ndarray:
     """One row [H + 18, (2 + len(maps)) * W, 3] uint8: the image, its ground truth (red), and each
     setting's anomaly map blended over the image on that setting's colour range ``(lo, hi)``."""

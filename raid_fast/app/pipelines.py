@@ -11,7 +11,7 @@ import os
 import pickle
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,9 +52,9 @@ def build_database(
     roots: Sequence[os.PathLike],
     out: os.PathLike,
     backbone: str = "efficientnet_lite0",
-    weights: Optional[str] = None,
+    weights: str | None = None,
     image_size: int = 256,
-    shots: Optional[int] = None,
+    shots: int | None = None,
     n_semantic: int = 50,
     label_free: bool = False,
     kmeans_iters: int = 25,
@@ -101,7 +101,7 @@ def build_database(
     return db
 
 
-def database_class_names(db: TokenDatabase) -> list[Optional[str]]:
+def database_class_names(db: TokenDatabase) -> list[str | None]:
     """Dataset class name of each database class; None for all of them in a label-free database."""
     names = db.params.get("class_names")
     if names is None or db.params.get("mode") != "labels":
@@ -154,7 +154,7 @@ def training_set(
     return images, image_ids, class_ids
 
 
-def foreground_modes(db: TokenDatabase, spec: Optional[Sequence[str]]) -> Optional[dict[int, str]]:
+def foreground_modes(db: TokenDatabase, spec: Sequence[str] | None) -> dict[int, str] | None:
     """``{database class id: "dark" | "bright"}`` from ``["auto"]`` (the authors' per-class modes
     of :data:`raid_fast.detect.perlin.FOREGROUND_MODES`) or ``["<class>=dark", ...]``; None for no spec."""
     if not spec:
@@ -196,7 +196,11 @@ def train_filter(
     """
     db = TokenDatabase.load(db_path, device=device)
     p = _recorded_params(db, db_path)
-    bb = load_backbone(p["backbone"], weights=p.get("weights"), device=device, image_size=p["image_size"])
+    # mixed precision covers the frozen backbone too (no gradients flow through it)
+    precision = "bf16" if config.amp and torch.device(device).type == "cuda" else "fp32"
+    bb = load_backbone(
+        p["backbone"], weights=p.get("weights"), device=device, image_size=p["image_size"], precision=precision
+    )
     images, image_ids, class_ids = training_set(roots, db, bb, progress=progress)
     config.image_size = p["image_size"]
     config.device = device
@@ -217,20 +221,20 @@ def load_filter(path: os.PathLike, device: str = "cpu"):
         msg = f"filter checkpoint not found: {str(path)!r}"
         raise FileNotFoundError(msg)
     try:
-        filt, ckpt = load_checkpoint(path, map_location=device)
+        filter, ckpt = load_checkpoint(path, map_location=device)
     except (KeyError, TypeError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
         msg = f"{str(path)!r} is not a filter checkpoint written by `raid-fast train` ({type(exc).__name__}: {exc})"
         raise ValueError(msg) from exc
-    return filt.to(device).eval(), ckpt.get("config", {})
+    return filter.to(device).eval(), ckpt.get("config", {})
 
 
 def detector_from_database(
     db_path: os.PathLike,
     device: str = "cpu",
-    filter_path: Optional[os.PathLike] = None,
-    k: Optional[int] = None,
-    nprobe: Optional[int] = None,
-    mode: Optional[str] = None,
+    filter_path: os.PathLike | None = None,
+    k: int | None = None,
+    nprobe: int | None = None,
+    mode: str | None = None,
     **kwargs: Any,
 ):
     """Loads a database, the backbone it was built with and optionally a trained filter.
@@ -241,20 +245,20 @@ def detector_from_database(
     db = TokenDatabase.load(db_path, device=device)
     p = _recorded_params(db, db_path)
     bb = load_backbone(p["backbone"], weights=p.get("weights"), device=device, image_size=p["image_size"])
-    flt, cfg = None, {}
+    filter, cfg = None, {}
     if filter_path is not None:
-        flt, cfg = load_filter(filter_path, device)
-        if flt.dim != db.dim:
-            msg = f"filter {str(filter_path)!r} was trained on D={flt.dim} tokens, the database holds D={db.dim}"
+        filter, cfg = load_filter(filter_path, device)
+        if filter.dim != db.dim:
+            msg = f"filter {str(filter_path)!r} was trained on D={filter.dim} tokens, the database holds D={db.dim}"
             raise ValueError(msg)
-        if k is not None and k != flt.k:
-            msg = f"k must equal the filter's cost-volume depth {flt.k}, got k={k}"
+        if k is not None and k != filter.k:
+            msg = f"k must equal the filter's cost-volume depth {filter.k}, got k={k}"
             raise ValueError(msg)
-        k = flt.k
+        k = filter.k
     k = k if k is not None else 150
     nprobe = nprobe if nprobe is not None else cfg.get("nprobe", 5)
     mode = mode if mode is not None else cfg.get("mode", "hierarchical")
-    return Detector(bb, db, filter=flt, k=k, nprobe=nprobe, mode=mode, **kwargs), db
+    return Detector(bb, db, filter=filter, k=k, nprobe=nprobe, mode=mode, **kwargs), db
 
 
 def predict_dataset(
@@ -263,7 +267,7 @@ def predict_dataset(
     batch_size: int = 8,
     progress: bool = True,
     desc: str = "predict",
-    class_ids: Optional[torch.Tensor] = None,
+    class_ids: torch.Tensor | None = None,
 ):
     """Scores [N], pixel maps [N, H, W] and masks [N, H, W] of every image of a dataset (CPU);
     ``class_ids`` [N] fixes each image's database class instead of routing it."""

@@ -10,7 +10,6 @@ import json
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -108,7 +107,7 @@ def render_defect(
     clean: np.ndarray,
     kind: str,
     rng: np.random.Generator,
-    other: Optional[np.ndarray] = None,
+    other: np.ndarray | None = None,
     min_area: float = 0.003,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Paints one synthetic defect on a clean crop; the mask is exactly the changed pixels.

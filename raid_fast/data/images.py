@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import os
-from typing import Optional, Union
 
 import numpy as np
 import torch
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 
-def load_image(path: PathLike, size: Optional[tuple[int, int]] = None) -> torch.Tensor:
+def load_image(path: PathLike, size: tuple[int, int] | None = None) -> torch.Tensor:
     """Reads an image as float32 [3, H, W] in [0, 1], resized (bicubic) to ``size = (H, W)``."""
     from PIL import Image
 
@@ -24,7 +23,7 @@ def load_image(path: PathLike, size: Optional[tuple[int, int]] = None) -> torch.
     return torch.from_numpy(arr.transpose(2, 0, 1).copy()).float().div_(255.0)
 
 
-def load_mask(path: PathLike, size: Optional[tuple[int, int]] = None) -> torch.Tensor:
+def load_mask(path: PathLike, size: tuple[int, int] | None = None) -> torch.Tensor:
     """Reads a mask as float32 [1, H, W] in {0, 1}: binarised (> 127), then resized (nearest)."""
     from PIL import Image
 

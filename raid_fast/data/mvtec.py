@@ -32,7 +32,7 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -58,10 +58,10 @@ class Sample:
     class_name: str
     defect_type: str
     label: int
-    mask_path: Optional[str]
+    mask_path: str | None
 
 
-def _image_size(image_size: Any) -> Optional[tuple[int, int]]:
+def _image_size(image_size: Any) -> tuple[int, int] | None:
     if image_size is None:
         return None
     if isinstance(image_size, (int, np.integer)) and not isinstance(image_size, bool):
@@ -83,7 +83,7 @@ def _image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
-def _find_mask(gt_dir: Path, stem: str) -> Optional[Path]:
+def _find_mask(gt_dir: Path, stem: str) -> Path | None:
     for name in (f"{stem}_mask", stem):
         for ext in IMAGE_EXTENSIONS:
             p = gt_dir / f"{name}{ext}"
@@ -120,11 +120,11 @@ class MVTecDataset(Dataset):
     def __init__(
         self,
         root: PathLike,
-        classes: Optional[Sequence[str]] = None,
+        classes: Sequence[str] | None = None,
         split: str = "train",
         image_size: Any = 256,
         strict_masks: bool = False,
-        name: Optional[str] = None,
+        name: str | None = None,
     ) -> None:
         _checks.check_choice("split", split, ("train", "test"))
         self.root = Path(root)
@@ -290,12 +290,12 @@ class MultiDataset(Dataset):
 
 
 def load_datasets(
-    roots: Union[PathLike, Sequence[PathLike]],
+    roots: PathLike | Sequence[PathLike],
     split: str = "train",
     image_size: Any = 256,
-    classes: Optional[Sequence[str]] = None,
+    classes: Sequence[str] | None = None,
     **kwargs: Any,
-) -> Union[MVTecDataset, MultiDataset]:
+) -> MVTecDataset | MultiDataset:
     """One :class:`MVTecDataset` for one root; a :class:`MultiDataset` for several.
 
     Args:
@@ -317,9 +317,9 @@ def load_datasets(
 
 def select_templates(
     dataset: Any,
-    shots: Optional[int],
+    shots: int | None,
     seed: int = 0,
-    max_per_class: Optional[int] = None,
+    max_per_class: int | None = None,
 ) -> dict[str, list[int]]:
     """Chooses ``shots`` template images per class (the k-shot setting), reproducibly.
 

@@ -35,7 +35,7 @@ import abc
 import math
 import os
 import re
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +43,9 @@ from torch import nn
 
 from raid_fast import _checks
 
-ImageSize = Union[int, tuple[int, int]]
+ImageSize = int | tuple[int, int]
+# backbone precision -> autocast dtype (None: plain float32)
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -88,7 +90,7 @@ def _image_size(name: str, size: Any, multiple: int) -> tuple[int, int]:
     return h, w
 
 
-def _read_state_dict(path: Union[str, os.PathLike], howto: str) -> dict[str, torch.Tensor]:
+def _read_state_dict(path: str | os.PathLike, howto: str) -> dict[str, torch.Tensor]:
     """A state dict from a .safetensors or torch file, unwrapped from common checkpoint containers."""
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -140,11 +142,23 @@ class Backbone(nn.Module, abc.ABC):
         dim: D, the token dimension.
         image_size: (H, W) every image is resized to.
         stride: pixels per token along each axis at ``image_size``.
+        precision: ``"fp32"``, or ``"bf16"`` / ``"fp16"`` to run the network under autocast (tokens
+            are returned as float32 either way).
     """
 
     name: str
     dim: int
     stride: int
+    _precision: str = "fp32"
+
+    @property
+    def precision(self) -> str:
+        return self._precision
+
+    @precision.setter
+    def precision(self, value: str) -> None:
+        _checks.check_choice("precision", value, tuple(PRECISIONS))
+        self._precision = value
 
     def __init__(self, image_size: tuple[int, int], mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         super().__init__()
@@ -165,7 +179,7 @@ class Backbone(nn.Module, abc.ABC):
     def device(self) -> torch.device:
         return self.mean.device
 
-    def grid(self, image_size: Optional[ImageSize] = None) -> tuple[int, int]:
+    def grid(self, image_size: ImageSize | None = None) -> tuple[int, int]:
         """(h, w) token grid for an input size (default: the backbone's ``image_size``).
 
         Raises:
@@ -235,11 +249,16 @@ class Backbone(nn.Module, abc.ABC):
             (h, w): the token grid, ``self.grid()``.
         """
         x = self.preprocess(images)
-        tokens, cls = self._features(x)
+        dtype = PRECISIONS[self.precision]
+        with torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            tokens, cls = self._features(x)
         return tokens.float().contiguous(), cls.float().contiguous(), self.grid()
 
     def extra_repr(self) -> str:
-        return f"name={self.name!r}, dim={self.dim}, image_size={self.image_size}, grid={self.grid()}"
+        return (
+            f"name={self.name!r}, dim={self.dim}, image_size={self.image_size}, grid={self.grid()}, "
+            f"precision={self.precision!r}"
+        )
 
 
 class DinoV2Backbone(Backbone):
@@ -426,10 +445,11 @@ def available_backbones() -> list[str]:
 
 def load_backbone(
     name: str,
-    weights: Optional[Union[str, os.PathLike]] = None,
-    device: Union[str, torch.device] = "cpu",
-    image_size: Optional[ImageSize] = None,
+    weights: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    image_size: ImageSize | None = None,
     pretrained: bool = True,
+    precision: str = "fp32",
 ) -> Backbone:
     """Builds a frozen backbone in eval mode.
 
@@ -443,6 +463,7 @@ def load_backbone(
         image_size: input size, int or (H, W); default 448 for dinov2_vits14 (a multiple of 14),
             256 for efficientnet_lite0 (a multiple of 16).
         pretrained: False gives a random init (tests, debugging) and then ``weights`` must be None.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (autocast; see :class:`Backbone`).
 
     Returns:
         The :class:`Backbone`; ``tokens, cls, (h, w) = bb(images)``.
@@ -458,4 +479,6 @@ def load_backbone(
         msg = f"weights={weights!r} conflicts with pretrained=False (random init); pass one of them"
         raise ValueError(msg)
     size = _image_size(name, cls.default_size if image_size is None else image_size, cls.stride)
-    return cls(size, weights=weights, pretrained=pretrained).to(device)
+    backbone = cls(size, weights=weights, pretrained=pretrained).to(device)
+    backbone.precision = precision
+    return backbone

@@ -6,15 +6,13 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from raid_fast.detect.filter import GuidedMoEFilter
-
-# ----------------------------------------------------------------------------- checkpoints
 
 
 def save_checkpoint(path: os.PathLike, state: dict) -> None:
@@ -26,13 +24,13 @@ def save_checkpoint(path: os.PathLike, state: dict) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: os.PathLike, filt: Optional[nn.Module] = None, map_location: Any = "cpu"):
-    """``(filter, checkpoint dict)``; builds a ``GuidedMoEFilter`` from the saved dims when ``filt`` is None."""
+def load_checkpoint(path: os.PathLike, filter: nn.Module | None = None, map_location: Any = "cpu"):
+    """``(filter, checkpoint dict)``; builds a ``GuidedMoEFilter`` from the saved dims when ``filter`` is None."""
     ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    if filt is None:
-        filt = GuidedMoEFilter(**ckpt["filter_args"])
-    filt.load_state_dict(ckpt["model"])
-    return filt, ckpt
+    if filter is None:
+        filter = GuidedMoEFilter(**ckpt["filter_args"])
+    filter.load_state_dict(ckpt["model"])
+    return filter, ckpt
 
 
 def rng_state() -> dict:
@@ -50,6 +48,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def filter_args(filt: nn.Module) -> dict:
+def filter_args(filter: nn.Module) -> dict:
     names = ("dim", "k", "n_guidance_experts", "guidance_top_k", "n_denoise_experts", "router_noise")
-    return {n: getattr(filt, n) for n in names if hasattr(filt, n)}
+    return {n: getattr(filter, n) for n in names if hasattr(filter, n)}

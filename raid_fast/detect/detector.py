@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Optional
+from functools import cached_property
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,7 +20,7 @@ from torch import nn
 from raid_fast import _checks
 from raid_fast.database import TokenDatabase
 from raid_fast.detect.anomaly_map import AnomalyMapGenerator, top_percent_mean
-from raid_fast.retrieval import retrieve
+from raid_fast.retrieval import Retrieval, retrieve
 
 
 @dataclass
@@ -37,6 +38,28 @@ class Prediction:
     score: torch.Tensor
     class_ids: torch.Tensor
     score_map: torch.Tensor
+
+
+@dataclass
+class Matching:
+    """Retrieval of a batch as the filter reads it (``Detector.match``).
+
+    Attributes:
+        tokens: [B, L, D] float32 query patch tokens (L = h * w, row-major).
+        grid: (h, w) token grid.
+        retrieval: the :class:`~raid_fast.Retrieval` (neighbours, guidance prototypes, class ids).
+        cost: [B, K, h, w] float32 cost volume; channel 0 is the 1-NN cost.
+    """
+
+    tokens: torch.Tensor
+    grid: tuple[int, int]
+    retrieval: Retrieval
+    cost: torch.Tensor
+
+    @cached_property
+    def guidance(self) -> torch.Tensor:
+        """G0 [B, 2D, h, w]: query tokens and their top-1 semantic prototypes (see :func:`guidance_maps`)."""
+        return guidance_maps(self.tokens, self.retrieval.proto, self.grid)
 
 
 def guidance_maps(tokens: torch.Tensor, proto: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -71,13 +94,13 @@ class Detector(nn.Module):
         self,
         backbone: Callable[..., Any],
         db: TokenDatabase,
-        filter: Optional[nn.Module] = None,  # noqa: A002 (the paper's word, as in DESIGN.md)
+        filter: nn.Module | None = None,  # noqa: A002 (the paper's word, as in DESIGN.md)
         k: int = 150,
         nprobe: int = 5,
         mode: str = "hierarchical",
         sigma: float = 4.0,
         pad_cost: float = 1.0,
-        backend: Optional[str] = None,
+        backend: str | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(db, TokenDatabase):
@@ -95,8 +118,14 @@ class Detector(nn.Module):
         self.backend = backend
         self.maps = AnomalyMapGenerator(sigma)
 
-    def score_maps(self, images, class_ids=None, exclude_images=None) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        """S [B, h, w] and the routed class ids; ``extra`` holds the cost volume and guidance (for training)."""
+    def match(self, images, class_ids=None, exclude_images=None) -> Matching:
+        """Backbone tokens, retrieval and cost volume of a batch (what the filter reads).
+
+        Args:
+            images: [B, 3, H, W] in [0, 1].
+            class_ids: [B] database class per image instead of routing by the CLS token.
+            exclude_images: [B] template image id whose tokens image b must not retrieve (training).
+        """
         tokens, cls, grid = self.backbone(images)
         res = retrieve(
             tokens,
@@ -109,15 +138,16 @@ class Detector(nn.Module):
             exclude_images=exclude_images,
             backend=self.backend,
         )
-        cost = res.cost_volume(*grid, pad_cost=self.pad_cost)  # [B, K, h, w]
-        extra = {"cost": cost, "retrieval": res, "tokens": tokens, "grid": grid}
-        score = cost[:, 0]
+        return Matching(tokens=tokens, grid=grid, retrieval=res, cost=res.cost_volume(*grid, pad_cost=self.pad_cost))
+
+    def score_maps(self, images, class_ids=None, exclude_images=None) -> tuple[torch.Tensor, Matching]:
+        """``(S [B, h, w], matching)``: S = M + C[:, 0] with a filter, C[:, 0] without."""
+        matching = self.match(images, class_ids, exclude_images)
+        score = matching.cost[:, 0]
         if self.filter is not None:
-            guidance = guidance_maps(tokens, res.proto, grid)  # [B, 2D, h, w]
-            extra["guidance"] = guidance
-            m, _ = self.filter(guidance, cost)
+            m, _ = self.filter(matching.guidance, matching.cost)
             score = score + m
-        return score, res.class_ids, extra
+        return score, matching
 
     @torch.no_grad()
     def predict(self, images, class_ids=None) -> Prediction:
@@ -127,7 +157,7 @@ class Detector(nn.Module):
         if self.filter is not None:
             self.filter.eval()
         try:
-            score_map, ids, _ = self.score_maps(images, class_ids)
+            score_map, matching = self.score_maps(images, class_ids)
         finally:
             if self.filter is not None:
                 self.filter.train(was_training)
@@ -135,6 +165,6 @@ class Detector(nn.Module):
         return Prediction(
             pixel_map=self.maps(score_map, size),
             score=top_percent_mean(score_map, 1.0),
-            class_ids=ids,
+            class_ids=matching.retrieval.class_ids,
             score_map=score_map,
         )

@@ -26,17 +26,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable, Sequence
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from raid_fast import _checks
-
-try:
-    from scipy import ndimage as _ndimage
-except ImportError:  # scipy is optional: the numpy union-find below gives the same labels
-    _ndimage = None
 
 IMAGE_METRICS = ("I-AUROC", "I-AP", "I-F1max")
 PIXEL_METRICS = ("P-AUROC", "P-AP", "P-F1max", "AUPRO")
@@ -124,8 +120,7 @@ def aupro(maps: Any, masks: Any, fpr_limit: float = 0.3) -> float:
 def connected_components(mask: Any) -> tuple[np.ndarray, int]:
     """8-connected components of one binary mask (``scipy.ndimage.label`` semantics).
 
-    Uses scipy when importable, else a vectorised numpy union-find; both number the components
-    1..n in raster order of their first pixel.
+    Components are numbered 1..n in raster order of their first pixel.
 
     Args:
         mask: [H, W] binary mask (bool or 0/1).
@@ -142,8 +137,8 @@ def connected_components(mask: Any) -> tuple[np.ndarray, int]:
 def evaluate(
     scores: Any,
     labels: Any,
-    maps: Optional[Any] = None,
-    masks: Optional[Any] = None,
+    maps: Any | None = None,
+    masks: Any | None = None,
     pro_fpr_limit: float = 0.3,
 ) -> dict[str, float]:
     """All image metrics, and the pixel metrics when maps and masks are given.
@@ -173,8 +168,8 @@ def evaluate_per_class(
     scores: Any,
     labels: Any,
     classes: Sequence[Hashable],
-    maps: Optional[Any] = None,
-    masks: Optional[Any] = None,
+    maps: Any | None = None,
+    masks: Any | None = None,
     pro_fpr_limit: float = 0.3,
 ) -> dict[Hashable, dict[str, float]]:
     """``evaluate`` on each class's images, then the plain mean over classes.
@@ -208,7 +203,7 @@ def evaluate_per_class(
 
 
 def _evaluate_host(
-    s: np.ndarray, y: np.ndarray, m: Optional[np.ndarray], g: Optional[np.ndarray], limit: float
+    s: np.ndarray, y: np.ndarray, m: np.ndarray | None, g: np.ndarray | None, limit: float
 ) -> dict[str, float]:
     out = dict(zip(IMAGE_METRICS, _rank_metrics(*_split_sorted(s, y))))
     if m is not None:
@@ -333,52 +328,8 @@ def _region_weights(masks: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 def _components(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    if _ndimage is not None:
-        labels, n = _ndimage.label(mask, structure=_EIGHT_NEIGHBOURS)
-        return labels.astype(np.int32, copy=False), int(n)
-    return _components_numpy(mask)
-
-
-def _components_numpy(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """8-connected components of a bool mask [H, W] by union-find with pointer jumping.
-
-    Every parent pointer points to a smaller or equal flat index, so the forest has no cycle and
-    each root ends as the first pixel (raster order) of its component, which gives scipy's
-    numbering. Each round hooks every root with an edge to a smaller root, so it terminates.
-    """
-    h, w = mask.shape
-    idx = np.arange(h * w).reshape(h, w)
-    # right, down, down-right, down-left: each 8-neighbour pair once
-    pairs = (
-        ((slice(None), slice(0, -1)), (slice(None), slice(1, None))),
-        ((slice(0, -1), slice(None)), (slice(1, None), slice(None))),
-        ((slice(0, -1), slice(0, -1)), (slice(1, None), slice(1, None))),
-        ((slice(0, -1), slice(1, None)), (slice(1, None), slice(0, -1))),
-    )
-    us, vs = [], []
-    for a, b in pairs:
-        both = mask[a] & mask[b]
-        us.append(idx[a][both])
-        vs.append(idx[b][both])
-    u, v = np.concatenate(us), np.concatenate(vs)
-    parent = np.arange(h * w)
-    while True:
-        while True:
-            grand = parent[parent]
-            if np.array_equal(grand, parent):
-                break
-            parent = grand
-        ru, rv = parent[u], parent[v]
-        apart = ru != rv
-        if not apart.any():
-            break
-        u, v, ru, rv = u[apart], v[apart], ru[apart], rv[apart]
-        np.minimum.at(parent, np.maximum(ru, rv), np.minimum(ru, rv))
-    fg = mask.reshape(-1)
-    roots, inverse = np.unique(parent[fg], return_inverse=True)
-    labels = np.zeros(h * w, dtype=np.int32)
-    labels[fg] = inverse.reshape(-1) + 1
-    return labels.reshape(h, w), int(roots.size)
+    labels, n = ndimage.label(mask, structure=_EIGHT_NEIGHBOURS)
+    return labels.astype(np.int32, copy=False), int(n)
 
 
 def _host_scores(name: str, t: torch.Tensor) -> np.ndarray:

@@ -6,7 +6,6 @@ Letters: H x W pixels. Masks are float32 [H, W] holding 0 and 1.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import numpy as np
 
@@ -95,7 +94,7 @@ def perlin_mask(
     min_scale_exp: int = 0,
     max_scale_exp: int = 5,
     rotation: float = 90.0,
-    foreground: Optional[np.ndarray] = None,
+    foreground: np.ndarray | None = None,
 ) -> np.ndarray:
     """A binary Perlin-noise anomaly mask (DRAEM / the RAID authors' recipe).
 
@@ -141,7 +140,7 @@ def _otsu_threshold(gray: np.ndarray) -> int:
     return int(np.argmax(between))
 
 
-def foreground_mask(image: np.ndarray, mode: Optional[str]) -> np.ndarray:
+def foreground_mask(image: np.ndarray, mode: str | None) -> np.ndarray:
     """Otsu foreground mask, the authors' per-class restriction of synthetic anomalies.
 
     Args:

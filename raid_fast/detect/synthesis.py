@@ -38,7 +38,7 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,7 +50,7 @@ from raid_fast.detect.perlin import foreground_mask, perlin_mask
 TEXTURE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
-RngLike = Union[np.random.Generator, int, None]
+RngLike = np.random.Generator | int | None
 
 
 def structure_source(image: np.ndarray, rng: np.random.Generator, grid: int = 8) -> np.ndarray:
@@ -93,7 +93,7 @@ def _load_texture(path: str, h: int, w: int) -> np.ndarray:
     return arr
 
 
-def _list_textures(texture_dir: Union[str, os.PathLike]) -> list[str]:
+def _list_textures(texture_dir: str | os.PathLike) -> list[str]:
     root = Path(texture_dir)
     if not root.is_dir():
         msg = f"texture_dir {str(root)!r} does not exist or is not a folder (expected a folder of texture images, e.g. DTD's images/)"
@@ -154,7 +154,7 @@ class AnomalySynthesizer:
         self,
         p_normal: float = 0.5,
         threshold: float = 0.3,
-        texture_dir: Optional[Union[str, os.PathLike]] = None,
+        texture_dir: str | os.PathLike | None = None,
         seed: int = 0,
         p_texture: float = 0.5,
         augment_texture: bool = True,
@@ -198,7 +198,7 @@ class AnomalySynthesizer:
         self,
         image: Any,
         rng: RngLike = None,
-        foreground: Optional[Union[np.ndarray, str]] = None,
+        foreground: np.ndarray | str | None = None,
     ) -> tuple[Any, Any]:
         """Makes one sample.
 
@@ -227,7 +227,7 @@ class AnomalySynthesizer:
         return self._pack(image, layout, src, mask, beta)
 
     @staticmethod
-    def _pack(image: Any, layout: str, src: Optional[np.ndarray], mask: np.ndarray, beta: float) -> tuple[Any, Any]:
+    def _pack(image: Any, layout: str, src: np.ndarray | None, mask: np.ndarray, beta: float) -> tuple[Any, Any]:
         is_tensor = isinstance(image, torch.Tensor)
         if src is None:
             out = image.clone() if is_tensor else image.copy()

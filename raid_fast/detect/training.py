@@ -12,7 +12,7 @@ from ``last.pt`` and gives the same weights as an uninterrupted run (determinist
 
 Example:
     >>> cfg = TrainConfig(epochs=5, out_dir="runs/mvtec")
-    >>> filt, history = train(cfg, backbone, db, images, image_ids=torch.arange(len(images)))
+    >>> filter, history = train(cfg, backbone, db, images, image_ids=torch.arange(len(images)))
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,7 +34,7 @@ from torch import nn
 from raid_fast import _checks
 from raid_fast.database import TokenDatabase
 from raid_fast.detect.checkpoints import filter_args, rng_state, save_checkpoint, set_rng_state
-from raid_fast.detect.detector import Detector, guidance_maps
+from raid_fast.detect.detector import Detector
 from raid_fast.detect.filter import GuidedMoEFilter, binary_focal_loss, total_loss
 from raid_fast.detect.metrics import auroc
 from raid_fast.detect.synthesis import AnomalySynthesizer
@@ -70,7 +70,8 @@ class TrainConfig:
         dense_router_epoch: first epoch (0-based) in which router 2 weights the denoising experts;
             before it M is the plain expert mean. The authors use 30 (of 100); the default 0 turns
             router 2 on from the start, which suits short runs.
-        amp: bf16 autocast for the backbone and the filter, on CUDA only (ignored on CPU).
+        amp: bf16 autocast for the filter, on CUDA only (ignored on CPU); the backbone runs at its own
+            ``precision`` (``load_backbone(..., precision="bf16")``).
         out_dir: checkpoint folder (``last.pt``, ``best.pt``); None saves nothing.
         log_every: steps between log lines.
         p_normal: probability that a training sample stays normal (0.5).
@@ -88,18 +89,18 @@ class TrainConfig:
     k: int = 150
     nprobe: int = 5
     mode: str = "hierarchical"
-    image_size: Optional[int] = None
+    image_size: int | None = None
     seed: int = 0
     val_fraction: float = 0.1
     val_metric: str = "p_auroc"
     dense_router_epoch: int = 0
     amp: bool = True
-    out_dir: Optional[str] = None
+    out_dir: str | None = None
     log_every: int = 50
     p_normal: float = 0.5
-    texture_dir: Optional[str] = None
-    foreground: Optional[dict] = None
-    device: Optional[str] = None
+    texture_dir: str | None = None
+    foreground: dict | None = None
+    device: str | None = None
 
     def __post_init__(self) -> None:
         self.epochs = _checks.check_int("epochs", self.epochs, 1)
@@ -154,9 +155,6 @@ def _float(name: str, value: Any, low=None, high=None, low_open=False, high_open
     return v
 
 
-# ----------------------------------------------------------------------------- data
-
-
 def split_train_val(class_ids: torch.Tensor, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Seeded per-class split of image indices: ``(train_idx, val_idx)``, both sorted int64.
 
@@ -181,7 +179,7 @@ def synthesize(
     synth: AnomalySynthesizer,
     images: torch.Tensor,
     keys: list[list[int]],
-    foreground: Optional[list[Optional[str]]] = None,
+    foreground: list[str | None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Synthetic anomalies of ``images [B, 3, H, W]``; sample b draws from ``default_rng(keys[b])``.
 
@@ -197,12 +195,9 @@ def synthesize(
     return torch.stack(out), torch.stack(masks).to(images.dtype)
 
 
-# ----------------------------------------------------------------------------- one batch
-
-
 def forward_batch(
     det: Detector,
-    filt: nn.Module,
+    filter: nn.Module,
     images: torch.Tensor,
     image_ids: torch.Tensor,
     class_ids: torch.Tensor,
@@ -211,23 +206,15 @@ def forward_batch(
 ) -> tuple[torch.Tensor, dict, torch.Tensor]:
     """Filter map of a batch: ``(M_up [B, H, W] float32, aux, C0_up [B, H, W])`` at the image size.
 
-    Retrieval goes through ``det.score_maps`` (``det`` has no filter) with the query's class and
-    ``exclude_images = image_ids`` (leave-one-out); the backbone runs without gradients.
+    Retrieval goes through ``det.match`` (``det`` has no filter) with the query's class and
+    ``exclude_images = image_ids`` (leave-one-out), without gradients; ``amp`` runs the filter under
+    CUDA bf16 autocast (the backbone's precision is its own setting, see ``load_backbone``).
     """
-    use_amp = amp and images.is_cuda
-    backbone = det.backbone
-    if use_amp:
-        det.backbone = _Bf16Backbone(backbone)  # retrieval itself stays float32
-    try:
-        with torch.no_grad():
-            _, _, extra = det.score_maps(images, class_ids=class_ids, exclude_images=image_ids)
-    finally:
-        det.backbone = backbone
     with torch.no_grad():
-        cost = extra["cost"].float()  # [B, K, h, w]
-        guidance = guidance_maps(extra["tokens"], extra["retrieval"].proto, extra["grid"]).float()
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-        m, aux = filt(guidance, cost, dense_router=dense_router)
+        matching = det.match(images, class_ids=class_ids, exclude_images=image_ids)
+        cost, guidance = matching.cost.float(), matching.guidance.float()  # [B, K, h, w], [B, 2D, h, w]
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and images.is_cuda):
+        m, aux = filter(guidance, cost, dense_router=dense_router)
     size = tuple(images.shape[-2:])
     m_up = F.interpolate(m.float()[:, None], size=size, mode="bilinear", align_corners=True)[:, 0]
     c0_up = F.interpolate(cost[:, :1], size=size, mode="bilinear", align_corners=True)[:, 0]
@@ -235,22 +222,10 @@ def forward_batch(
     return m_up, aux, c0_up
 
 
-class _Bf16Backbone:
-    """Runs a backbone under CUDA bf16 autocast and returns float32 tokens."""
-
-    def __init__(self, backbone: Callable[..., Any]) -> None:
-        self.backbone = backbone
-
-    def __call__(self, images: torch.Tensor):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            tokens, cls, grid = self.backbone(images)
-        return tokens.float(), cls.float(), grid
-
-
 @torch.no_grad()
 def evaluate_heldout(
     det: Detector,
-    filt: nn.Module,
+    filter: nn.Module,
     images: torch.Tensor,
     masks: torch.Tensor,
     image_ids: torch.Tensor,
@@ -264,27 +239,24 @@ def evaluate_heldout(
     P-AUROC scores S = M + C[:, 0] upsampled (as at inference, before the blur); loss is the focal
     loss of M. P-AUROC is NaN when the masks hold one class only.
     """
-    was_training = filt.training
-    filt.eval()
+    was_training = filter.training
+    filter.eval()
     try:
         scores, losses, weights = [], [], []
-        dev = next(filt.parameters()).device
+        dev = next(filter.parameters()).device
         for s in range(0, images.shape[0], batch_size):
             sl = slice(s, s + batch_size)
             x, y = images[sl].to(dev), masks[sl].to(dev)
             m_up, _, c0_up = forward_batch(
-                det, filt, x, image_ids[sl].to(dev), class_ids[sl].to(dev), dense_router, amp
+                det, filter, x, image_ids[sl].to(dev), class_ids[sl].to(dev), dense_router, amp
             )
             scores.append((m_up + c0_up).cpu())
             losses.append(float(binary_focal_loss(m_up, y)))
             weights.append(x.shape[0])
     finally:
-        filt.train(was_training)
+        filter.train(was_training)
     loss = float(np.average(losses, weights=weights))
     return {"p_auroc": float(auroc(torch.cat(scores), masks.cpu() > 0.5)), "loss": loss}
-
-
-# ----------------------------------------------------------------------------- the loop
 
 
 def _check_inputs(db, images, image_ids, class_ids, config):
@@ -330,7 +302,7 @@ def train(
     images: torch.Tensor,
     image_ids: Any,
     class_ids: Any = None,
-    filter: Optional[nn.Module] = None,  # noqa: A002 (the paper's word, as in Detector)
+    filter: nn.Module | None = None,  # noqa: A002 (the paper's word, as in Detector)
     resume: bool = False,
     progress: bool = True,
     evaluate_fn: Callable[..., dict] = evaluate_heldout,
@@ -385,7 +357,7 @@ def train(
         msg = f"config.foreground must name database class ids in [0, {db.n_classes}), got {sorted(fg_classes)}"
         raise ValueError(msg)
 
-    def fg_of(idx: torch.Tensor) -> Optional[list[Optional[str]]]:
+    def fg_of(idx: torch.Tensor) -> list[str | None] | None:
         return [fg_classes.get(int(class_ids[i])) for i in idx] if fg_classes else None
 
     synth = AnomalySynthesizer(p_normal=config.p_normal, texture_dir=config.texture_dir, seed=config.seed)

@@ -11,8 +11,6 @@ volume. Backends: ``torch`` (``raid_fast.ref``) and ``cpp`` (extension, CPU floa
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from raid_fast import _checks, _dispatch, _ext
@@ -39,7 +37,7 @@ def _ivf_topk_cost_volume_torch(
 _dispatch.register("ivf_topk_cost_volume", "torch", _ivf_topk_cost_volume_torch, priority=100)
 
 
-def _ids(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+def _ids(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.to(torch.int64).contiguous()
 
 
@@ -72,7 +70,7 @@ def _ivf_topk_cpp(queries, probes, list_offsets, tokens, k, token_group=None, ex
 _INT_DTYPES = (torch.int64, torch.int32)
 
 
-def _cpp_reason(floats: dict, ints: dict) -> Optional[str]:
+def _cpp_reason(floats: dict, ints: dict) -> str | None:
     """Why the cpp backend cannot take these tensors (CPU float32 values, CPU integer ids), or None."""
     for name, t in {**floats, **ints}.items():
         if t is not None and t.device.type != "cpu":
@@ -160,12 +158,12 @@ def cosine_topk(
     queries: torch.Tensor,
     tokens: torch.Tensor,
     k: int,
-    lo: Optional[torch.Tensor] = None,
-    hi: Optional[torch.Tensor] = None,
-    token_group: Optional[torch.Tensor] = None,
-    exclude_group: Optional[torch.Tensor] = None,
+    lo: torch.Tensor | None = None,
+    hi: torch.Tensor | None = None,
+    token_group: torch.Tensor | None = None,
+    exclude_group: torch.Tensor | None = None,
     *,
-    backend: Optional[str] = None,
+    backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-K by 1 - cos of unit-norm ``queries`` [M, D] over ``tokens`` [N, D].
 
@@ -192,10 +190,10 @@ def ivf_topk(
     list_offsets: torch.Tensor,
     tokens: torch.Tensor,
     k: int,
-    token_group: Optional[torch.Tensor] = None,
-    exclude_group: Optional[torch.Tensor] = None,
+    token_group: torch.Tensor | None = None,
+    exclude_group: torch.Tensor | None = None,
     *,
-    backend: Optional[str] = None,
+    backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-K by 1 - cos over the union of each query's probed lists (CSR ``list_offsets``).
 
@@ -215,14 +213,14 @@ def ivf_topk_cost_volume(
     list_offsets: torch.Tensor,
     tokens: torch.Tensor,
     k: int,
-    token_group: Optional[torch.Tensor],
-    exclude_group: Optional[torch.Tensor],
+    token_group: torch.Tensor | None,
+    exclude_group: torch.Tensor | None,
     b: int,
     h: int,
     w: int,
     pad_cost: float = 1.0,
     *,
-    backend: Optional[str] = None,
+    backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``ivf_topk`` of M = b * h * w queries (image-major, row-major grids) and its cost volume.
 
@@ -256,7 +254,7 @@ def ivf_topk_cost_volume(
 
 
 def cost_volume(
-    dist: torch.Tensor, h: int, w: int, pad_cost: float = 1.0, *, backend: Optional[str] = None
+    dist: torch.Tensor, h: int, w: int, pad_cost: float = 1.0, *, backend: str | None = None
 ) -> torch.Tensor:
     """[B, L, K] distances -> [B, K, H, W] cost volume (L = H * W); +inf becomes ``pad_cost``."""
     _checks.check_ndim("dist", dist, (3,), "[B, L, K]")

@@ -9,8 +9,6 @@ Written cluster by cluster: the queries that probe a list are scanned against it
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 
@@ -20,8 +18,8 @@ def ivf_topk_ref(
     list_offsets: torch.Tensor,
     tokens: torch.Tensor,
     k: int,
-    token_group: Optional[torch.Tensor] = None,
-    exclude_group: Optional[torch.Tensor] = None,
+    token_group: torch.Tensor | None = None,
+    exclude_group: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-K tokens over the union of each query's probed lists.
 

@@ -7,8 +7,6 @@ Letters: B images, L tokens per image, D dims, C classes, S prototype slots per 
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
@@ -17,11 +15,11 @@ def probe_prototypes_ref(
     queries: torch.Tensor,
     semantic_prototypes: torch.Tensor,
     bias: torch.Tensor,
-    class_ids: Optional[torch.Tensor],
+    class_ids: torch.Tensor | None,
     p: int,
     min_used: int = 0,
-    query_cls: Optional[torch.Tensor] = None,
-    class_prototypes: Optional[torch.Tensor] = None,
+    query_cls: torch.Tensor | None = None,
+    class_prototypes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-P semantic prototypes of each query token, within its image's class.
 

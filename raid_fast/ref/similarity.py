@@ -10,8 +10,6 @@ stays at [M, block + K] whatever N is (faiss's knn_ground_truth pattern).
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 # database rows per block: bounds the [M, block] similarity block
@@ -32,10 +30,10 @@ def cosine_topk_ref(
     queries: torch.Tensor,
     tokens: torch.Tensor,
     k: int,
-    lo: Optional[torch.Tensor] = None,
-    hi: Optional[torch.Tensor] = None,
-    token_group: Optional[torch.Tensor] = None,
-    exclude_group: Optional[torch.Tensor] = None,
+    lo: torch.Tensor | None = None,
+    hi: torch.Tensor | None = None,
+    token_group: torch.Tensor | None = None,
+    exclude_group: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-K nearest tokens by 1 - cos for each query.
 

@@ -181,26 +181,12 @@ def _masks_for_components():
 
 
 @pytest.mark.parametrize("case", range(len(_masks_for_components())))
-def test_connected_components_fallback_matches_scipy(case):
+def test_connected_components_match_scipy(case):
     mask = _masks_for_components()[case]
     expected, n_expected = ndimage.label(mask, structure=EIGHT)
-    labels, n = metrics._components_numpy(mask)
-    assert n == n_expected
-    np.testing.assert_array_equal(labels, expected)
     labels, n = metrics.connected_components(torch.from_numpy(mask.astype(np.float32)))
     assert n == n_expected
     np.testing.assert_array_equal(labels, expected)
-
-
-def test_aupro_without_scipy_uses_fallback(monkeypatch):
-    rng = np.random.default_rng(5)
-    masks = _random_masks(rng, 3, 20, 18)
-    maps = rng.random(masks.shape) + 0.2 * masks
-    with_scipy = metrics.aupro(maps, masks)
-    monkeypatch.setattr(metrics, "_ndimage", None)
-    assert metrics.aupro(maps, masks) == pytest.approx(with_scipy, rel=1e-12)
-    assert metrics.connected_components(masks[1])[1] == ndimage.label(masks[1], structure=EIGHT)[1]
-    assert metrics.aupro(*_hand_case()) == pytest.approx(2381 / 2880, rel=1e-12)
 
 
 def test_half_precision_and_integer_inputs():

@@ -48,15 +48,15 @@ def small_filter(seed=0):
 def test_one_step_lowers_the_loss_on_a_fixed_batch():
     bb, db, images, ids = make_setup()
     det = rf.Detector(bb, db, k=6, nprobe=2)
-    filt = small_filter()
+    filter = small_filter()
     synth = AnomalySynthesizer(p_normal=0.0, seed=0)
     x, y = rt.synthesize(synth, images[:4], [[0, i] for i in range(4)])
     assert y.shape == (4, 32, 32) and float(y.sum()) > 0
     cls = db.image_class[ids[:4]]
-    opt = torch.optim.Adam(filt.parameters(), lr=1e-3)
+    opt = torch.optim.Adam(filter.parameters(), lr=1e-3)
 
     def loss_now():
-        m_up, aux, _ = rt.forward_batch(det, filt, x, ids[:4], cls, dense_router=True)
+        m_up, aux, _ = rt.forward_batch(det, filter, x, ids[:4], cls, dense_router=True)
         assert m_up.shape == y.shape
         return total_loss(m_up, y, aux)
 
@@ -95,16 +95,16 @@ def test_without_exclusion_a_template_retrieves_itself():
     """Control for the test above: without exclude_images the 1-NN cost of a template is 0."""
     bb, db, images, ids = make_setup()
     det = rf.Detector(bb, db, k=6, nprobe=2)
-    s_in, _, _ = det.score_maps(images[:2], class_ids=db.image_class[:2])
-    s_out, _, _ = det.score_maps(images[:2], class_ids=db.image_class[:2], exclude_images=ids[:2])
+    s_in, _ = det.score_maps(images[:2], class_ids=db.image_class[:2])
+    s_out, _ = det.score_maps(images[:2], class_ids=db.image_class[:2], exclude_images=ids[:2])
     assert float(s_in.abs().max()) < 1e-5 and float(s_out.min()) > 1e-4
 
 
 def test_checkpoint_round_trip(tmp_path):
     bb, db, images, ids = make_setup()
-    filt, hist = rt.train(cfg(tmp_path, epochs=1), bb, db, images, ids, filter=small_filter(), progress=False)
+    filter, hist = rt.train(cfg(tmp_path, epochs=1), bb, db, images, ids, filter=small_filter(), progress=False)
     loaded, ckpt = checkpoints.load_checkpoint(tmp_path / "last.pt")
-    for (n, a), (_, b) in zip(filt.state_dict().items(), loaded.state_dict().items()):
+    for (n, a), (_, b) in zip(filter.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), n
     assert ckpt["epoch"] == 1 and ckpt["step"] == len(hist["step_loss"]) and ckpt["config"]["k"] == 6
     assert set(ckpt) >= {"model", "optimizer", "config", "epoch", "step", "history", "rng"}
@@ -130,7 +130,7 @@ def test_best_checkpoint_follows_the_heldout_metric(tmp_path):
     scripted = iter([0.6, 0.9, 0.7])
     calls = []
 
-    def fake_eval(det, filt, imgs, masks, img_ids, cls, batch_size, dense_router, amp):
+    def fake_eval(det, filter, imgs, masks, img_ids, cls, batch_size, dense_router, amp):
         calls.append((imgs.shape[0], float(masks.sum()) > 0, img_ids.clone()))
         return {"p_auroc": next(scripted), "loss": 1.0}
 
@@ -238,10 +238,10 @@ def test_amp_training_on_cuda(tmp_path):
     weight = bb.weight
     bb.weight = weight.cuda()
     db_gpu = db.to("cuda")
-    filt, hist = rt.train(
+    filter, hist = rt.train(
         cfg(tmp_path, epochs=1, amp=True, device="cuda"), bb, db_gpu, images, ids, filter=small_filter(), progress=False
     )
     assert all(torch.isfinite(torch.tensor(hist["step_loss"])))
-    assert all(p.dtype == torch.float32 and p.is_cuda for p in filt.parameters())
+    assert all(p.dtype == torch.float32 and p.is_cuda for p in filter.parameters())
     loaded, _ = checkpoints.load_checkpoint(tmp_path / "last.pt")
     assert next(loaded.parameters()).device.type == "cpu"
