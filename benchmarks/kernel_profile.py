@@ -60,7 +60,7 @@ def _cases(device: str, scale: str) -> dict:
         steps["lloyd_fp16"] = (values.half(), "triton")
     for name, (pts, backend) in steps.items():
         cases[name] = lambda pts=pts, backend=backend: _dispatch.call(
-            "kmeans_step", pts, groups, init, True, backend=backend
+            "kmeans_step", pts, groups.offsets, groups.max_size, init, True, backend=backend
         )
     return cases
 

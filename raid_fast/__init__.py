@@ -14,8 +14,7 @@ import importlib
 from typing import Any
 
 from raid_fast import ops
-from raid_fast._dispatch import backends as _backends
-from raid_fast._dispatch import load_optional_backends
+from raid_fast._dispatch import backends
 from raid_fast.clustering import KMeans, KMeansResult, kmeans
 from raid_fast.database import TokenDatabase
 from raid_fast.retrieval import Retrieval, retrieve
@@ -47,12 +46,6 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_DETECTION))
-
-
-def backends() -> dict:
-    """``{op: {backend: "ok" | reason}}``: which backend can serve which op here, and why not."""
-    load_optional_backends()
-    return _backends()
 
 
 __all__ = [

@@ -90,3 +90,26 @@ def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
     if value not in choices:
         msg = f"{name} must be one of {list(choices)}, got {value!r}"
         raise ValueError(msg)
+
+
+def check_directions(name: str, t: torch.Tensor, row: str = "row") -> None:
+    """Raises ValueError unless every row of ``t`` [R, D] is a direction that can be normalised:
+    finite, not all zero (a zero vector has no direction) and small enough that its squared norm
+    fits in float32. The message names the first bad row as ``<row> <index>``.
+    """
+    if t.numel() == 0:
+        return
+    peak = t.detach().abs().amax(dim=1).float()  # [R]; NaN propagates, inf stays inf
+    # this is a CPU-GPU sync point, once per call at the public boundary
+    values = peak.tolist()
+    limit = math.sqrt(torch.finfo(torch.float32).max / max(1, t.shape[1]))
+    for i, v in enumerate(values):
+        if not math.isfinite(v):
+            msg = f"{name} must be finite, got NaN/inf values at {row} {i}"
+            raise ValueError(msg)
+        if v == 0.0:
+            msg = f"{name} must have a direction for every {row}, got an all-zero vector at {row} {i}"
+            raise ValueError(msg)
+        if v > limit:
+            msg = f"{name} is too large to normalise in float32 at {row} {i} (max |x| = {v:.4g}); rescale it"
+            raise ValueError(msg)

@@ -64,8 +64,6 @@ class _LloydPoints:
 
 
 def _lloyd_points(points: Points, precision: str, centroids, spherical: bool, backend: str | None) -> _LloydPoints:
-    if precision == "fp32":
-        return _LloydPoints(points.values, None)
     low = PRECISIONS[precision]
     big = float(points.values.abs().max()) if points.values.numel() else 0.0
     if big > torch.finfo(low).max:
@@ -74,17 +72,21 @@ def _lloyd_points(points: Points, precision: str, centroids, spherical: bool, ba
             "use precision='bf16' or 'fp32', or rescale the points"
         )
         raise ValueError(msg)
-    # squared norms and dots accumulate in float32, whatever the storage dtype
+    # squared norms and dots accumulate in float32, whatever the storage dtype: a squared distance
+    # (at most 4 max|x|^2 D) that overflows gives inf distances and wrong clusters
     if big * big * points.dim > torch.finfo(torch.float32).max / 4:
         msg = (
             f"x is too large for precision={precision!r}: squared distances would overflow float32 "
             f"(max |x| = {big:.4g}, D = {points.dim}); rescale the points"
         )
         raise ValueError(msg)
+    if precision == "fp32":
+        return _LloydPoints(points.values, None)
     x_low = points.values.to(low)  # [N, D]
-    _dispatch.load_optional_backends()
     try:
-        _dispatch.select("kmeans_step", x_low, points.groups, centroids, spherical, backend=backend)
+        _dispatch.select(
+            "kmeans_step", x_low, points.groups.offsets, points.groups.max_size, centroids, spherical, backend=backend
+        )
     except RuntimeError:
         if backend == "triton":
             raise
@@ -110,11 +112,12 @@ def _seed_centroids(points: Points, k: int, seed: int, init: str, backend: str |
     """Initial centroids [G, k, D] from the seed (k-means++ or random distinct points)."""
     groups = points.groups
     gen = torch.Generator().manual_seed(seed)
-    # seeding runs on the float32 points; triton only runs the half-precision Lloyd loop
-    backend = None if backend == "triton" else backend
     if init == "k-means++":
         uniforms = torch.rand(groups.n_groups, k, generator=gen, dtype=torch.float64)  # [G, k]
-        centroids, _ = _dispatch.call("kmeans_plusplus", points.values, groups, k, uniforms, backend=backend)
+        # seeding runs on the float32 points, so the backend asked for the Lloyd loop is a preference here
+        centroids, _ = _dispatch.call(
+            "kmeans_plusplus", points.values, groups.offsets, groups.max_size, k, uniforms, prefer=backend
+        )
         return centroids
     centroids = torch.zeros(groups.n_groups, k, points.dim, dtype=torch.float32, device=points.values.device)
     for g, (lo, n) in enumerate(zip(groups.offsets_cpu[:-1].tolist(), groups.sizes_cpu.tolist())):
@@ -183,10 +186,18 @@ def kmeans(
         steps = tqdm(steps, desc=f"kmeans k={k}", unit="iter")
     for it in steps:
         dist, _, centroids, _ = _dispatch.call(
-            "kmeans_step", lloyd.values, groups, lloyd.centroids(centroids), spherical, backend=backend
+            "kmeans_step",
+            lloyd.values,
+            groups.offsets,
+            groups.max_size,
+            lloyd.centroids(centroids),
+            spherical,
+            backend=backend,
         )
         obj[it] = groups.segment_sum(dist)
-    dist, idx = _dispatch.call("kmeans_assign", lloyd.values, groups, lloyd.centroids(centroids), backend=backend)
+    dist, idx = _dispatch.call(
+        "kmeans_assign", lloyd.values, groups.offsets, groups.max_size, lloyd.centroids(centroids), backend=backend
+    )
     obj[niter] = groups.segment_sum(dist)
 
     flat = groups.group_of_value * k + idx  # [N] cluster id across groups
@@ -256,9 +267,9 @@ class KMeans:
         if self.centroids is None:
             msg = "KMeans.assign() needs a fitted model: call fit() first"
             raise RuntimeError(msg)
-        # the triton backend only runs the half-precision Lloyd loop; float32 assignment is auto
-        backend = None if self.backend == "triton" else self.backend
-        return kmeans_assign(x, self.centroids, offsets, backend=backend)
+        # the backend chosen for fitting may lack float32 assignment (triton runs the half-precision
+        # Lloyd loop only): here it is a preference
+        return kmeans_assign(x, self.centroids, offsets, prefer=self.backend)
 
     def __repr__(self) -> str:
         state = "fitted" if self.centroids is not None else "not fitted"

@@ -12,7 +12,6 @@ the cost.
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING
 
 import torch
@@ -45,7 +44,7 @@ def probe_bias(db: TokenDatabase) -> tuple[torch.Tensor, int]:
 
 
 def check_query_cls(db: TokenDatabase, query_cls, b: int) -> torch.Tensor:
-    """Validated CLS tokens [B, D] as float32 on the database's device."""
+    """Validated CLS tokens [B, D] as float32 on the database's device: finite, nonzero rows."""
     q = _checks.as_tensor("query_cls", query_cls)
     _checks.check_floating("query_cls", q)
     _checks.check_ndim("query_cls", q, (2,), f"[{b}, {db.dim}]")
@@ -56,6 +55,8 @@ def check_query_cls(db: TokenDatabase, query_cls, b: int) -> torch.Tensor:
         msg = f"query_cls must have D={db.dim} like the database, got shape {tuple(q.shape)}"
         raise ValueError(msg)
     _checks.check_same_device(query_cls=q, database=db.class_prototypes)
+    # a NaN or zero CLS token has no nearest class: argmax would silently route it to class 0
+    _checks.check_directions("query_cls", q, row="image")
     return q.float()
 
 
@@ -89,15 +90,6 @@ def resolve(class_ids, query_cls, db: TokenDatabase, b: int) -> tuple[torch.Tens
     return None, None
 
 
-def _probe_backend(backend: str | None) -> str | None:
-    # the prototype probe has torch and triton backends; a request for the extension's searches
-    # (cpp, cuda), by argument or environment, keeps the torch probe it always used
-    requested = backend if backend is not None else (os.environ.get(_dispatch.ENV_BACKEND) or None)
-    if requested is None or requested in ("torch", "triton"):
-        return requested
-    return "torch"
-
-
 def probe(
     q: torch.Tensor,
     db: TokenDatabase,
@@ -109,7 +101,7 @@ def probe(
     """(class ids [B], qn [B * L, D] unit-norm queries, probes [B, L, P] global list ids or -1,
     proto [B, L, D] top-1 prototypes), routing by ``query_cls`` when ``class_ids`` is None."""
     bias, min_used = probe_bias(db)  # [C, S]
-    _dispatch.load_optional_backends()
+    # a backend asked for the searches (cpp has no probe) is a preference for this step
     return _dispatch.call(
         "probe_prototypes",
         q,
@@ -120,5 +112,5 @@ def probe(
         min_used,
         query_cls,
         db.class_prototypes,
-        backend=_probe_backend(backend),
+        prefer=backend,
     )

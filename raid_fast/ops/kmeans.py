@@ -4,8 +4,9 @@ Letters: G groups, N points in all, D dims, k centroids per group (k_g = min(k, 
 Backends: ``torch`` (``raid_fast.ref``, any device), ``cpp`` (extension, CPU tensors),
 ``cuda`` (extension, CUDA tensors), all on float32 points; ``triton`` (``raid_fast.kernels.kmeans``)
 serves ``kmeans_assign`` and ``kmeans_step`` on float16 / bfloat16 points, for
-``raid_fast.kmeans(precision=...)``. Internal entry points take validated float32 contiguous
-tensors and a ``Groups``; the public ``kmeans_assign`` below validates user input first.
+``raid_fast.kmeans(precision=...)``. The ops (``raid_fast.ops.schema``) take validated contiguous
+points, group offsets on the points' device and the largest group size; the public
+``kmeans_assign`` below validates user input first.
 """
 
 from __future__ import annotations
@@ -14,87 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from raid_fast import _checks, _dispatch, _ext
+from raid_fast import _checks, _dispatch
 from raid_fast._ragged import Groups
-from raid_fast.ref.kmeans import kmeans_assign_ref, kmeans_plusplus_ref, kmeans_update_ref
-
-OPS = ("kmeans_assign", "kmeans_update", "kmeans_step", "kmeans_plusplus")
-
-
-def _assign_torch(x, groups: Groups, centroids):
-    return kmeans_assign_ref(x, groups.offsets_cpu, centroids)
-
-
-def _update_torch(x, groups: Groups, idx, k, spherical):
-    return kmeans_update_ref(x, groups.offsets_cpu, idx, k, spherical)
-
-
-def _step_torch(x, groups: Groups, centroids, spherical):
-    dist, idx = kmeans_assign_ref(x, groups.offsets_cpu, centroids)
-    new_centroids, counts = kmeans_update_ref(x, groups.offsets_cpu, idx, centroids.shape[1], spherical)
-    return dist, idx, new_centroids, counts
-
-
-def _plusplus_torch(x, groups: Groups, k, uniforms):
-    return kmeans_plusplus_ref(x, groups.offsets_cpu, k, uniforms)
-
-
-def _ext_offsets(x: torch.Tensor, groups: Groups) -> torch.Tensor:
-    return groups.offsets_cpu if x.device.type == "cpu" else groups.offsets
-
-
-def _assign_ext(x, groups: Groups, centroids):
-    return _ext._C.kmeans_assign(x, _ext_offsets(x, groups), groups.max_size, centroids, torch.get_num_threads())
-
-
-def _update_ext(x, groups: Groups, idx, k, spherical):
-    return _ext._C.kmeans_update(
-        x, _ext_offsets(x, groups), groups.max_size, idx, k, spherical, torch.get_num_threads()
-    )
-
-
-def _step_ext(x, groups: Groups, centroids, spherical):
-    return _ext._C.kmeans_step(
-        x, _ext_offsets(x, groups), groups.max_size, centroids, spherical, torch.get_num_threads()
-    )
-
-
-def _plusplus_ext(x, groups: Groups, k, uniforms):
-    return _ext._C.kmeans_plusplus(
-        x, _ext_offsets(x, groups), groups.max_size, k, uniforms.to(x.device), torch.get_num_threads()
-    )
-
-
-def _float32_points(x, *args, **kwargs) -> str | None:
-    # half-precision points reach only the triton backend; kmeans() gives the others the rounded
-    # points as float32, which is the same computation
-    if x.dtype != torch.float32:
-        return f"computes on float32 points, got {x.dtype}"
-    return None
-
-
-def _needs_device(kind: str):
-    def supports(x, *args, **kwargs) -> str | None:
-        if x.device.type != kind:
-            return f"needs {kind} tensors, got {x.device}"
-        return _float32_points(x)
-
-    return supports
-
-
-for _op, _ref, _fast in (
-    ("kmeans_assign", _assign_torch, _assign_ext),
-    ("kmeans_update", _update_torch, _update_ext),
-    ("kmeans_step", _step_torch, _step_ext),
-    ("kmeans_plusplus", _plusplus_torch, _plusplus_ext),
-):
-    _dispatch.register(_op, "torch", _ref, priority=100, supports=_float32_points)
-    _dispatch.register(
-        _op, "cpp", _fast, priority=10, available=_ext.ext_unavailable_reason, supports=_needs_device("cpu")
-    )
-    _dispatch.register(
-        _op, "cuda", _fast, priority=0, available=_ext.ext_cuda_unavailable_reason, supports=_needs_device("cuda")
-    )
 
 
 @dataclass
@@ -169,7 +91,9 @@ def prepare_centroids(name: str, c, points: Points, k: int | None = None, points
     return c
 
 
-def kmeans_assign(x, centroids, offsets=None, *, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def kmeans_assign(
+    x, centroids, offsets=None, *, backend: str | None = None, prefer: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest centroid (squared Euclidean) of each point, within its group.
 
     Args:
@@ -177,6 +101,7 @@ def kmeans_assign(x, centroids, offsets=None, *, backend: str | None = None) -> 
         centroids: [k, D] for [N, D] input, else [G, k, D].
         offsets: [G + 1] int64 group boundaries for ragged ``x``.
         backend: ``None`` (auto), ``"torch"``, ``"cpp"`` or ``"cuda"``.
+        prefer: a backend to use when it can serve the call, else auto (see ``raid_fast._dispatch``).
 
     Returns:
         ``(dist, idx)`` float32 / int64, shaped like ``x`` without its last dim; ties go to the
@@ -187,5 +112,8 @@ def kmeans_assign(x, centroids, offsets=None, *, backend: str | None = None) -> 
     """
     points = prepare_points("x", x, offsets)
     c = prepare_centroids("centroids", centroids, points)
-    dist, idx = _dispatch.call("kmeans_assign", points.values, points.groups, c, backend=backend)
+    groups = points.groups
+    dist, idx = _dispatch.call(
+        "kmeans_assign", points.values, groups.offsets, groups.max_size, c, backend=backend, prefer=prefer
+    )
     return points.per_point(dist), points.per_point(idx)

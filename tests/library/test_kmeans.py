@@ -55,7 +55,7 @@ def test_assign_matches_reference(backend, sizes, d, k):
     dev = device_of(backend)
     x, groups = make_groups(sizes, d, dev)
     c = random_centroids(groups, k, d, dev)
-    dist, idx = _dispatch.call("kmeans_assign", x, groups, c, backend=backend)
+    dist, idx = _dispatch.call("kmeans_assign", x, groups.offsets, groups.max_size, c, backend=backend)
     ref_dist, ref_idx = kmeans_assign_ref(x.cpu(), groups.offsets_cpu, c.cpu())
     assert dist.dtype == torch.float32 and idx.dtype == torch.int64
     assert_close_verbose("dist", dist, ref_dist, atol=1e-3, rtol=1e-4)
@@ -72,7 +72,7 @@ def test_assign_ties_pick_smallest_index(backend):
     # centroids 0 and 2 are duplicates, 1 and 3 too: exact ties
     c = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]]], device=dev)
     groups = Groups.uniform(1, 3, x.device)
-    _, idx = _dispatch.call("kmeans_assign", x, groups, c, backend=backend)
+    _, idx = _dispatch.call("kmeans_assign", x, groups.offsets, groups.max_size, c, backend=backend)
     assert idx.cpu().tolist() == [0, 1, 0]
 
 
@@ -92,7 +92,7 @@ def test_update_matches_reference(backend, sizes, d, k, spherical):
         ]
     )
     idx = idx.to(dev)
-    c, counts = _dispatch.call("kmeans_update", x, groups, idx, k, spherical, backend=backend)
+    c, counts = _dispatch.call("kmeans_update", x, groups.offsets, groups.max_size, idx, k, spherical, backend=backend)
     ref_c, ref_counts = kmeans_update_ref(x.cpu(), groups.offsets_cpu, idx.cpu(), k, spherical)
     assert torch.equal(counts.cpu(), ref_counts)
     assert_close_verbose("centroids", c, ref_c, atol=1e-5, rtol=1e-5)
@@ -110,7 +110,9 @@ def test_step_matches_assign_then_update_reference(backend, sizes, d, k, spheric
         k_g = min(k, n)
         c[g, :k_g] = x.cpu()[lo + torch.arange(k_g) // 2]
     c = c.to(dev)
-    dist, idx, new_c, counts = _dispatch.call("kmeans_step", x, groups, c, spherical, backend=backend)
+    dist, idx, new_c, counts = _dispatch.call(
+        "kmeans_step", x, groups.offsets, groups.max_size, c, spherical, backend=backend
+    )
     ref_dist, ref_idx = kmeans_assign_ref(x.cpu(), groups.offsets_cpu, c.cpu())
     assert_close_verbose("dist", dist, ref_dist, atol=1e-3, rtol=1e-4)
     assert_assign_equal_up_to_ties(x, c, groups.offsets_cpu, idx, ref_idx)
@@ -137,7 +139,7 @@ def test_plusplus_matches_reference(backend, sizes, d, k):
     dev = device_of(backend)
     x, groups = make_groups(sizes, d, dev, seed=5)
     u = torch.rand(groups.n_groups, k, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
-    c, chosen = _dispatch.call("kmeans_plusplus", x, groups, k, u, backend=backend)
+    c, chosen = _dispatch.call("kmeans_plusplus", x, groups.offsets, groups.max_size, k, u, backend=backend)
     ref_c, ref_chosen = kmeans_plusplus_ref(x.cpu(), groups.offsets_cpu, k, u)
     assert torch.equal(chosen.cpu(), ref_chosen)
     assert_close_verbose("centroids", c, ref_c, atol=0, rtol=0)
