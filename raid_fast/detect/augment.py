@@ -1,12 +1,18 @@
 """The RAID authors' ten imgaug colour and geometry ops on uint8 [H, W, 3] images, three drawn per
-anomaly source (DRAEM recipe)."""
+anomaly source (DRAEM recipe).
+
+Every op draws its parameters from the numpy Generator it is given, so the synthesizer stays seeded.
+``torchvision.transforms.v2.functional`` applies the ops it has, on a [3, H, W] view of the image;
+numpy applies the three it lacks (brightness, hue/saturation, autocontrast with a cutoff).
+"""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import numpy as np
+import torch
+from torchvision.transforms.v2 import functional as TF
 
 from raid_fast import _checks
 
@@ -20,37 +26,45 @@ def to_uint8(x: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
 
+def _chw(img: np.ndarray) -> torch.Tensor:
+    """[3, H, W] uint8 view of a uint8 [H, W, 3] array (no copy when it is contiguous and writable)."""
+    # from_numpy refuses negative strides and warns on read-only arrays
+    if not (img.flags.c_contiguous and img.flags.writeable):
+        img = np.array(img, order="C")
+    return torch.from_numpy(img).permute(2, 0, 1)
+
+
+def _hwc(t: torch.Tensor, img: np.ndarray) -> np.ndarray:
+    """uint8 [H, W, 3] array of a [3, H, W] result, never sharing memory with the input ``img``."""
+    out = t.permute(1, 2, 0).numpy()
+    # torchvision hands its input back for no-op parameters (posterize to 8 bits)
+    return out.copy() if np.may_share_memory(out, img) else np.ascontiguousarray(out)
+
+
 def _gamma_contrast(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    # imgaug GammaContrast((0.5, 2.0), per_channel=True)
+    # imgaug GammaContrast((0.5, 2.0), per_channel=True): one gamma per channel, and adjust_gamma takes
+    # one gamma, so it runs per channel. its uint8 output is floor(255.999 * v) (imgaug: floor(255 * v))
     gamma = rng.uniform(0.5, 2.0, size=3)
-    return to_uint8(255.0 * (img / 255.0) ** gamma)
+    t = _chw(img)
+    return _hwc(torch.cat([TF.adjust_gamma(t[c : c + 1], float(g)) for c, g in enumerate(gamma)]), img)
 
 
 def _brightness(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     # imgaug MultiplyAndAddToBrightness(mul=(0.8, 1.2), add=(-30, 30)) on the luma channel: adding
-    # the same delta to R, G and B changes Y by that delta and leaves the chroma untouched
+    # the same delta to R, G and B changes Y by that delta and leaves the chroma untouched.
+    # kept in numpy: torchvision's adjust_brightness only multiplies R, G and B (no add, no luma)
     mul, add = rng.uniform(0.8, 1.2), rng.uniform(-30.0, 30.0)
     y = to_gray(img)
     y_new = np.clip(y * mul + add, 0.0, 255.0)
     return to_uint8(img.astype(np.float32) + (y_new - y)[..., None])
 
 
-def _smooth3x3(img: np.ndarray) -> np.ndarray:
-    # PIL ImageFilter.SMOOTH: [[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13
-    f = np.pad(img.astype(np.float32), ((1, 1), (1, 1), (0, 0)), mode="edge")
-    h, w = img.shape[:2]
-    acc = 4.0 * f[1 : h + 1, 1 : w + 1]
-    for dy in range(3):
-        for dx in range(3):
-            acc = acc + f[dy : dy + h, dx : dx + w]
-    return acc / 13.0
-
-
 def _sharpness(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    # imgaug pillike.EnhanceSharpness(factor=(0, 2)): blend of the smoothed and the original image
+    # imgaug pillike.EnhanceSharpness(factor=(0, 2)), which is PIL's ImageEnhance.Sharpness: a blend of
+    # the image smoothed by [[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13 and the image. adjust_sharpness
+    # reproduces PIL, including its untouched 1-pixel border
     factor = rng.uniform(0.0, 2.0)
-    smooth = _smooth3x3(img)
-    return to_uint8(smooth + factor * (img.astype(np.float32) - smooth))
+    return _hwc(TF.adjust_sharpness(_chw(img), float(factor)), img)
 
 
 def _rgb_to_hsv(img: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -78,7 +92,9 @@ def _hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
 
 def _hue_saturation(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     # imgaug AddToHueAndSaturation((-50, 50), per_channel=True): hue and saturation get their own
-    # draws; imgaug maps a hue value of 255 to the full circle
+    # draws; imgaug maps a hue value of 255 to the full circle.
+    # kept in numpy: torchvision's adjust_saturation blends with the grey image instead of adding to S,
+    # and the additive S needs this HSV round trip, which then shifts the hue as well
     dh, ds = rng.integers(-50, 51, size=2)
     h, s, v = _rgb_to_hsv(img)
     s = np.clip(s + ds / 255.0, 0.0, 1.0)
@@ -90,23 +106,24 @@ def _solarize(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     apply, thr = rng.random() < 0.5, int(rng.integers(32, 129))
     if not apply:
         return img.copy()
-    return np.where(img >= thr, 255 - img, img).astype(np.uint8)
+    return _hwc(TF.solarize(_chw(img), thr), img)
 
 
 def _posterize(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     # imgaug Posterize(nb_bits=(1, 8))
     bits = int(rng.integers(1, 9))
-    keep = np.uint8((0xFF << (8 - bits)) & 0xFF)
-    return img & keep
+    return _hwc(TF.posterize(_chw(img), bits), img)
 
 
 def _invert(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    return (255 - img).astype(np.uint8)
+    # imgaug Invert(): 255 - v
+    return _hwc(TF.invert(_chw(img)), img)
 
 
 def _autocontrast(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     # imgaug pillike.Autocontrast(cutoff=(0, 20)): PIL's per-band stretch after cutting cutoff%
-    # of the pixels at each end of the histogram
+    # of the pixels at each end of the histogram.
+    # kept in numpy: torchvision's autocontrast has no cutoff (it stretches min..max)
     cutoff = int(rng.integers(0, 21))
     out = np.empty_like(img)
     for c in range(img.shape[-1]):
@@ -125,49 +142,15 @@ def _autocontrast(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def _equalize(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    # PIL ImageOps.equalize, per band
-    out = np.empty_like(img)
-    for c in range(img.shape[-1]):
-        band = img[..., c]
-        hist = np.bincount(band.ravel(), minlength=256).astype(np.int64)
-        nonzero = hist[hist > 0]
-        step = (int(hist.sum()) - int(nonzero[-1])) // 255
-        if step == 0:
-            out[..., c] = band
-            continue
-        lut = np.minimum((step // 2 + np.cumsum(hist) - hist) // step, 255).astype(np.uint8)
-        out[..., c] = lut[band]
-    return out
-
-
-def _rotate_image(img: np.ndarray, angle: float, cval: float = 0.0) -> np.ndarray:
-    """Bilinear rotation about the centre, constant fill (imgaug Affine's defaults)."""
-    h, w = img.shape[:2]
-    c, s = math.cos(math.radians(angle)), math.sin(math.radians(angle))
-    yy, xx = np.meshgrid(np.arange(h) - (h - 1) / 2.0, np.arange(w) - (w - 1) / 2.0, indexing="ij")
-    # inverse map: where each output pixel comes from
-    sy = c * yy + s * xx + (h - 1) / 2.0
-    sx = -s * yy + c * xx + (w - 1) / 2.0
-    y0, x0 = np.floor(sy).astype(np.int64), np.floor(sx).astype(np.int64)
-    fy, fx = (sy - y0)[..., None], (sx - x0)[..., None]
-    f = np.pad(img.astype(np.float32), ((1, 1), (1, 1), (0, 0)), constant_values=cval)
-    # indices into the padded image; anything beyond the pad reads the pad value
-    y0p, x0p = np.clip(y0 + 1, 0, h + 1), np.clip(x0 + 1, 0, w + 1)
-    y1p, x1p = np.clip(y0 + 2, 0, h + 1), np.clip(x0 + 2, 0, w + 1)
-    out = (
-        f[y0p, x0p] * (1 - fy) * (1 - fx)
-        + f[y0p, x1p] * (1 - fy) * fx
-        + f[y1p, x0p] * fy * (1 - fx)
-        + f[y1p, x1p] * fy * fx
-    )
-    outside = (sy < -1) | (sy > h) | (sx < -1) | (sx > w)
-    out[outside] = cval
-    return to_uint8(out)
+    # imgaug pillike.Equalize(): PIL's ImageOps.equalize per band, which torchvision's equalize reproduces
+    return _hwc(TF.equalize(_chw(img)), img)
 
 
 def _rotate(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    # imgaug Affine(rotate=(-45, 45))
-    return _rotate_image(img, float(rng.uniform(-45.0, 45.0)))
+    # imgaug Affine(rotate=(-45, 45)) with its defaults: bilinear (order=1), about the centre, constant
+    # fill 0 (torchvision's fill=None pads grid_sample with zeros)
+    angle = float(rng.uniform(-45.0, 45.0))
+    return _hwc(TF.rotate(_chw(img), angle, interpolation=TF.InterpolationMode.BILINEAR), img)
 
 
 AUGMENTATIONS: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]] = {
@@ -182,7 +165,7 @@ AUGMENTATIONS: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]
     "equalize": _equalize,
     "rotate": _rotate,
 }
-"""The authors' 10 imgaug ops, reimplemented in numpy: ``name -> fn(uint8 [H, W, 3], rng)``."""
+"""The authors' 10 imgaug ops, in torchvision where it has them: ``name -> fn(uint8 [H, W, 3], rng)``."""
 
 
 def augment(image: np.ndarray, rng: np.random.Generator, n_ops: int = 3) -> np.ndarray:
