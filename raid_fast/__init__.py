@@ -17,6 +17,8 @@ from raid_fast import ops
 from raid_fast._dispatch import backends
 from raid_fast.clustering import KMeans, KMeansResult, kmeans
 from raid_fast.database import TokenDatabase
+from raid_fast.index import Index
+from raid_fast.neighbors import knn
 from raid_fast.retrieval import Retrieval, retrieve
 
 __version__ = "0.1.0"
@@ -51,6 +53,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "Backbone",
     "Detector",
+    "Index",
     "GuidedMoEFilter",
     "KMeans",
     "KMeansResult",
@@ -61,6 +64,7 @@ __all__ = [
     "available_backbones",
     "backends",
     "kmeans",
+    "knn",
     "load_backbone",
     "ops",
     "retrieve",

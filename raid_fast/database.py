@@ -131,7 +131,7 @@ class TokenDatabase:
     def build(
         cls,
         patch_tokens,
-        cls_tokens,
+        cls_tokens=None,
         labels=None,
         n_classes: int | None = None,
         n_semantic: int = 50,
@@ -145,7 +145,8 @@ class TokenDatabase:
 
         Args:
             patch_tokens: [I, L, D] (or [I, D, H, W]) template patch tokens.
-            cls_tokens: [I, D] template CLS tokens.
+            cls_tokens: [I, D] template CLS tokens, or None to use each image's mean patch token
+                (global average pooling) as its CLS token: enough for one class or ``labels``.
             labels: optional [I] integer class labels. Alone, they define the classes (labelled
                 mode); with ``n_classes`` they only score the label-free clustering (purity).
             n_classes: number of class prototypes found by KMeans over the CLS tokens (label-free,
@@ -164,7 +165,7 @@ class TokenDatabase:
         """
         patch = _tokens_as_bld("patch_tokens", patch_tokens)
         n_img, n_pos, dim = patch.shape
-        clst = _checks.as_tensor("cls_tokens", cls_tokens)
+        clst = _checks.as_tensor("cls_tokens", cls_tokens) if cls_tokens is not None else patch.mean(dim=1)
         _checks.check_floating("cls_tokens", clst)
         _checks.check_ndim("cls_tokens", clst, (2,), f"[{n_img}, {dim}]")
         if tuple(clst.shape) != (n_img, dim):
@@ -256,6 +257,8 @@ class TokenDatabase:
             "kmeans_precision": kmeans_precision,
             "seed": seed,
             "tokens_per_image": n_pos,
+            # retrieval routes by the same kind of CLS token when none is given
+            "cls_source": "given" if cls_tokens is not None else "mean_patch",
             "dim": dim,
             "class_labels": class_labels,
         }
@@ -282,7 +285,8 @@ class TokenDatabase:
         )
 
     def classify(self, cls_tokens) -> torch.Tensor:
-        """[B, D] CLS tokens -> [B] int64 class ids: argmax cosine to the class prototypes (first on ties)."""
+        """[B, D] CLS tokens -> [B] int64 class ids: argmax cosine to the class prototypes (first on ties).
+        A NaN or all-zero CLS token has no nearest class and raises ``ValueError``."""
         q = _checks.as_tensor("cls_tokens", cls_tokens)
         _checks.check_floating("cls_tokens", q)
         _checks.check_ndim("cls_tokens", q, (2,), f"[B, {self.dim}]")
@@ -290,14 +294,15 @@ class TokenDatabase:
             msg = f"cls_tokens must have D={self.dim} like the database, got shape {tuple(q.shape)}"
             raise ValueError(msg)
         _checks.check_same_device(cls_tokens=q, database=self.class_prototypes)
+        _checks.check_directions("cls_tokens", q, row="image")
         return (F.normalize(q.float(), dim=1) @ self.class_prototypes.T).argmax(dim=1)
 
-    def add(self, patch_tokens, cls_tokens, labels=None) -> TokenDatabase:
+    def add(self, patch_tokens, cls_tokens=None, labels=None) -> TokenDatabase:
         """Adds template images without re-clustering; returns ``self``.
 
         Each new image goes to the class of its label (labelled databases, labels optional) or of its
-        nearest class prototype by CLS cosine; each token to the nearest semantic prototype of that
-        class. Prototypes are not updated. New images get ids n_images, n_images + 1, ...
+        nearest class prototype by CLS cosine (``cls_tokens=None``: the mean patch token, as in
+        ``build``); each token to the nearest semantic prototype of that class. Prototypes are not updated. New images get ids n_images, n_images + 1, ...
         """
         patch = _tokens_as_bld("patch_tokens", patch_tokens)
         n_new, n_pos, dim = patch.shape
@@ -317,7 +322,7 @@ class TokenDatabase:
                 raise ValueError(msg)
             new_class = torch.tensor([known[int(v)] for v in label_t.tolist()], dtype=torch.int64, device=self.device)
         else:
-            clst = _checks.as_tensor("cls_tokens", cls_tokens)
+            clst = _checks.as_tensor("cls_tokens", cls_tokens) if cls_tokens is not None else patch.mean(dim=1)
             if clst.dim() != 2 or tuple(clst.shape) != (n_new, dim):
                 msg = f"cls_tokens must have shape [{n_new}, {dim}], got {tuple(clst.shape)}"
                 raise ValueError(msg)

@@ -25,7 +25,6 @@ from raid_fast.database import TokenDatabase
 from raid_fast.ops.search import ivf_topk_cost_volume
 
 MODES = ("hierarchical", "flat")
-_VOLUME_PAD = 1.0  # the pad cost of the volume built with a grid search (Retrieval.cost_volume's default)
 
 
 @dataclass
@@ -47,10 +46,26 @@ class Retrieval:
     proto_idx: torch.Tensor
     class_ids: torch.Tensor
     grid: tuple[int, int] | None = None
+    # (token_image [N], token_pos [N], tokens per image) of the database, for template_ids
+    _templates: tuple[torch.Tensor, torch.Tensor, int] | None = field(default=None, repr=False, compare=False)
     # (h, w, pad_cost) -> the volume ``retrieve`` built with the search; not a public field
     _volume: tuple[tuple[int, int, float], torch.Tensor] | None = field(
         default=None, init=False, repr=False, compare=False
     )
+
+    def __iter__(self):
+        """``dist, idx = retrieve(...)``: unpacks like faiss's ``D, I``."""
+        return iter((self.dist, self.idx))
+
+    @property
+    def template_ids(self) -> torch.Tensor:
+        """[B, L, K] int64 neighbour ids in template order: ``image * L_t + position``, i.e. row-major
+        indices into the ``[I, L_t, D]`` patch tokens the database was built from (``add`` appends
+        images), -1 where missing. ``idx`` indexes the database's own grouped token order."""
+        token_image, token_pos, per_image = self._templates
+        safe = self.idx.clamp_min(0)
+        ids = token_image[safe] * per_image + token_pos[safe]
+        return torch.where(self.idx >= 0, ids, -1)
 
     def cost_volume(self, h: int | None = None, w: int | None = None, pad_cost: float = 1.0) -> torch.Tensor:
         """[B, K, H, W] matching cost volume; channel 0 is the 1-NN cost. ``h, w`` default to the
@@ -71,6 +86,20 @@ class Retrieval:
 def _is_int(v) -> bool:
     # what ops.cost_volume accepts as h / w; anything else goes there for its error
     return not isinstance(v, bool) and isinstance(v, (int, np.integer))
+
+
+def _grid(grid, n_pos: int, given: tuple[int, int] | None) -> tuple[int, int] | None:
+    """The (h, w) token grid: from [B, D, H, W] queries, or ``grid`` for [B, L, D] ones (L = h * w)."""
+    if grid is None:
+        return given
+    if not isinstance(grid, (tuple, list)) or len(grid) != 2:
+        msg = f"grid must be an (h, w) pair, got {grid!r}"
+        raise ValueError(msg)
+    h, w = (_checks.check_int(f"grid[{i}]", v, minimum=1) for i, v in enumerate(grid))
+    if h * w != n_pos or (given is not None and given != (h, w)):
+        msg = f"grid must match the query tokens ({given or f'L = {n_pos}'}), got grid=({h}, {w})"
+        raise ValueError(msg)
+    return h, w
 
 
 def _queries(query_tokens, db: TokenDatabase) -> tuple[torch.Tensor, tuple[int, int] | None]:
@@ -112,6 +141,8 @@ def retrieve(
     mode: str = "hierarchical",
     exclude_images=None,
     backend: str | None = None,
+    grid: tuple[int, int] | None = None,
+    pad_cost: float = 1.0,
 ) -> Retrieval:
     """Retrieves the K nearest template tokens of every query token.
 
@@ -127,6 +158,10 @@ def retrieve(
         exclude_images: [B] template image ids whose tokens image b must not retrieve (-1: none),
             e.g. a training query's own image.
         backend: ``None`` (auto) or a backend name for the search ops.
+        grid: (h, w) of [B, L, D] query tokens (L = h * w, row-major), to build the cost volume in the
+            same pass as the search (hierarchical mode; fused into the merge on triton), as a
+            [B, D, H, W] input does; ``res.cost_volume()`` then returns it.
+        pad_cost: cost of missing neighbours in that volume.
 
     Returns:
         A ``Retrieval`` (dist, idx [B, L, K]; proto [B, L, D]; proto_idx [B, L]; class_ids [B]).
@@ -144,9 +179,11 @@ def retrieve(
         raise ValueError(msg)
     k = _checks.check_int("k", k, minimum=1)
     nprobe = _checks.check_int("nprobe", nprobe, minimum=1, maximum=db.s_max if mode == "hierarchical" else None)
-    q, grid = _queries(query_tokens, db)  # [B, L, D] float32, not yet unit-norm
+    q, grid_in = _queries(query_tokens, db)  # [B, L, D] float32, not yet unit-norm
+    grid = _grid(grid, q.shape[1], grid_in)
+    pad_cost = float(pad_cost)
     b, n_pos, dim = q.shape
-    ids, qc = routing.resolve(class_ids, query_cls, db, b)
+    ids, qc = routing.resolve(class_ids, query_cls, db, q)
     exclude = _exclude(exclude_images, b, n_pos, db.device)
     group = db.token_image if exclude is not None else None
     volume = None
@@ -159,8 +196,8 @@ def retrieve(
         args = (flat_q, probes.reshape(b * n_pos, probes.shape[-1]), db.list_offsets, db.tokens, k, group, exclude)
         if grid is not None and n_pos > 0:
             # one pass: the search and its [B, K, H, W] volume (fused into the merge on triton)
-            dist, idx, grid_volume = ivf_topk_cost_volume(*args, b, *grid, _VOLUME_PAD, backend=backend)
-            volume = ((grid[0], grid[1], _VOLUME_PAD), grid_volume)
+            dist, idx, grid_volume = ivf_topk_cost_volume(*args, b, *grid, pad_cost, backend=backend)
+            volume = ((grid[0], grid[1], pad_cost), grid_volume)
         else:
             dist, idx = ops.ivf_topk(*args, backend=backend)
         proto_idx = probes[..., 0]
@@ -191,6 +228,7 @@ def retrieve(
         proto_idx=proto_idx,
         class_ids=ids,
         grid=grid,
+        _templates=(db.token_image, db.token_pos, int(db.params.get("tokens_per_image", n_pos))),
     )
     res._volume = volume
     return res

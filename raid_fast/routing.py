@@ -78,9 +78,15 @@ def check_class_ids(db: TokenDatabase, class_ids, b: int) -> torch.Tensor:
     return ids
 
 
-def resolve(class_ids, query_cls, db: TokenDatabase, b: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def resolve(
+    class_ids, query_cls, db: TokenDatabase, queries: torch.Tensor
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(class ids [B] int64, or None) and (validated CLS tokens [B, D] to route by, or None): at most
-    one is set; neither when flat retrieval must infer the class from the neighbours."""
+    one is set; neither when flat retrieval must infer the class from the neighbours. A database
+    built without CLS tokens routes by the queries' mean patch token [B, L, D] -> [B, D], as it was built."""
+    b = queries.shape[0]
+    if query_cls is None and class_ids is None and db.n_classes > 1 and db.params.get("cls_source") == "mean_patch":
+        query_cls = queries.mean(dim=1)
     if class_ids is not None:
         return check_class_ids(db, class_ids, b), None
     if query_cls is not None:

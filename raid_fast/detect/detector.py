@@ -137,6 +137,8 @@ class Detector(nn.Module):
             mode=self.mode,
             exclude_images=exclude_images,
             backend=self.backend,
+            grid=grid,  # the volume is built in the search's pass (fused on triton)
+            pad_cost=self.pad_cost,
         )
         return Matching(tokens=tokens, grid=grid, retrieval=res, cost=res.cost_volume(*grid, pad_cost=self.pad_cost))
 

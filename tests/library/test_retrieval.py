@@ -279,3 +279,57 @@ def test_hierarchical_with_a_class_of_fewer_prototypes_than_nprobe(backend):
         sims = qn[i] @ db.semantic_prototypes[c, : int(db.n_semantic[c])].T
         assert torch.equal(res.proto_idx[i], c * db.s_max + sims.argmax(dim=1))
         assert torch.allclose(res.proto[i], db.semantic_prototypes[c][sims.argmax(dim=1)])
+
+
+def test_result_unpacks_like_faiss_and_maps_ids_to_template_order():
+    db, patch, cls, labels = build_db()
+    q = torch.randn(2, 20, 16)
+    res = rf.retrieve(q, db, query_cls=cls[:2], k=4, nprobe=2)
+    dist, idx = res
+    assert dist is res.dist and idx is res.idx
+    # template_ids index the [I, L, D] patch tokens the database was built from, row-major
+    t_ids = res.template_ids
+    ok = idx >= 0
+    assert torch.equal(t_ids < 0, ~ok)
+    flat_patch = F.normalize(patch.reshape(-1, 16), dim=1)
+    torch.testing.assert_close(flat_patch[t_ids[ok]], db.tokens[idx[ok]])
+
+
+def test_build_without_cls_tokens_routes_by_mean_patch():
+    patch, cls, labels = make_templates(n_img=12, n_pos=20, dim=16, n_cls=3)
+    single = rf.TokenDatabase.build(patch, n_semantic=4, kmeans_iters=3)
+    assert single.n_classes == 1 and single.params["cls_source"] == "mean_patch"
+    res = rf.retrieve(patch[:2], single, k=3, nprobe=2)
+    assert torch.equal(res.class_ids, torch.zeros(2, dtype=torch.int64))
+    labelled = rf.TokenDatabase.build(patch, labels=labels, n_semantic=4, kmeans_iters=3)
+    # routed by the queries' mean patch token, as the class prototypes were built
+    res = rf.retrieve(patch[:6], labelled, k=3, nprobe=2)
+    assert torch.equal(res.class_ids, labelled.classify(patch[:6].mean(dim=1)))
+    assert torch.equal(res.class_ids, labels[:6])
+    labelled.add(patch[6:8])
+    assert labelled.n_images == 14
+
+
+@pytest.mark.parametrize("backend", backend_params("ivf_topk_cost_volume"))
+def test_grid_request_builds_the_volume_in_the_search(backend, monkeypatch):
+    from raid_fast import _dispatch
+
+    db, patch, cls, labels = build_db(n_pos=12)
+    q = torch.randn(2, 12, 16)
+    calls = []
+    real = _dispatch.call
+
+    def spy(op, *args, **kwargs):
+        calls.append(op)
+        return real(op, *args, **kwargs)
+
+    monkeypatch.setattr(_dispatch, "call", spy)
+    res = rf.retrieve(q, db, class_ids=labels[:2], k=5, nprobe=2, grid=(3, 4), pad_cost=2.0, backend=backend)
+    assert "ivf_topk_cost_volume" in calls and "ivf_topk" not in calls and "cost_volume" not in calls
+    volume = res.cost_volume(3, 4, pad_cost=2.0)
+    assert volume is res.cost_volume(pad_cost=2.0)  # reused, not rebuilt
+    torch.testing.assert_close(volume, cost_volume_ref(res.dist, 3, 4, 2.0))
+    grid_in = rf.retrieve(q.transpose(1, 2).reshape(2, 16, 3, 4), db, class_ids=labels[:2], k=5, nprobe=2)
+    assert torch.equal(grid_in.idx, res.idx)
+    with pytest.raises(ValueError, match="grid must match the query tokens"):
+        rf.retrieve(q, db, class_ids=labels[:2], k=5, grid=(4, 4))

@@ -1,0 +1,140 @@
+"""Exact k-nearest-neighbour search over plain vectors, with faiss's conventions: ``knn``.
+
+Letters: M queries (per batch), B batches, N bank vectors, D dims, K neighbours.
+
+Metrics (``METRICS``):
+
+- ``"l2"``: squared Euclidean distance ``||q - x||^2``, ascending: what faiss's ``IndexFlatL2`` and
+  PatchCore report (``sqrt=True`` gives the Euclidean distance);
+- ``"ip"``: inner product ``q . x``, descending (faiss's ``IndexFlatIP``);
+- ``"cosine"``: ``1 - cos(q, x)``, ascending (the token database's distance).
+
+Missing neighbours (K > N) are ``idx = -1`` and ``dist = +inf`` (``-inf`` for ``"ip"``). Ties go to
+the smaller bank id.
+
+How: each metric is one maximum-inner-product search, the ``cosine_topk`` op with
+``unit_norm=False`` on every backend (C++ on the CPU, Triton on a GPU): ``"ip"`` as is, ``"cosine"``
+on unit vectors, ``"l2"`` on augmented vectors ``q' = [q, 1]``, ``x' = [x, -||x||^2 / 2]`` (so that
+``q' . x' = q . x - ||x||^2 / 2``, largest where ``||q - x||^2`` is smallest). The K found are then
+scored again from the vectors themselves in float64 (no cancellation in ``||q||^2 + ||x||^2 - 2 q . x``)
+and sorted by (distance, id).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from raid_fast import _checks, ops
+
+METRICS = ("l2", "ip", "cosine")
+# bounds the [chunk, K, D] float64 gather of the exact re-scoring
+_RESCORE_ELEMENTS = 1 << 24
+
+
+def check_metric(metric: str) -> str:
+    _checks.check_choice("metric", metric, METRICS)
+    return metric
+
+
+def as_vectors(name: str, x, dim: int | None = None, ndims: tuple[int, ...] = (2,)) -> torch.Tensor:
+    """A float tensor (numpy arrays accepted, no copy) of one of ``ndims`` dims, finite, float32."""
+    t = _checks.as_tensor(name, x)
+    _checks.check_floating(name, t)
+    layout = " or ".join({2: "[N, D]", 3: "[B, M, D]"}[n] for n in ndims)
+    _checks.check_ndim(name, t, ndims, layout)
+    if dim is not None and t.shape[-1] != dim:
+        msg = f"{name} must have D={dim}, got shape {tuple(t.shape)}"
+        raise ValueError(msg)
+    t = t.float()
+    _checks.check_finite(name, t)
+    return t
+
+
+def search_vectors(x: torch.Tensor, metric: str, side: str) -> torch.Tensor:
+    """Vectors [N, D'] whose largest inner products rank ``metric`` (``side`` "query" or "bank")."""
+    if metric == "cosine":
+        return F.normalize(x, dim=-1)
+    if metric == "ip":
+        return x.contiguous()
+    extra = torch.ones_like(x[..., :1]) if side == "query" else -0.5 * (x * x).sum(-1, keepdim=True)
+    return torch.cat([x, extra], dim=-1)  # [.., D + 1]
+
+
+def rescore(
+    queries: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, metric: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact distances of the candidates ``idx`` [M, K] (bank ids, -1 missing), sorted by (dist, id).
+
+    Returns dist [M, K] float32 (ascending; descending inner products for ``"ip"``) and idx [M, K].
+    """
+    m, k = idx.shape
+    dist = torch.empty(m, k, dtype=torch.float32, device=queries.device)
+    rows = max(1, _RESCORE_ELEMENTS // max(1, k * queries.shape[1]))
+    for start in range(0, m, rows):
+        sl = slice(start, start + rows)
+        q = queries[sl].double()  # [m', D]
+        x = bank[idx[sl].clamp_min(0)].double()  # [m', K, D]
+        if metric == "l2":
+            d = (q[:, None, :] - x).pow(2).sum(-1)
+        elif metric == "ip":
+            d = -(q[:, None, :] * x).sum(-1)
+        else:
+            d = 1.0 - (F.normalize(q, dim=-1)[:, None, :] * F.normalize(x, dim=-1)).sum(-1)
+        dist[sl] = d.float()
+    dist = dist.masked_fill(idx < 0, float("inf"))
+    # (dist, id): ids first, then a stable sort by distance
+    by_id = torch.where(idx < 0, torch.iinfo(torch.int64).max, idx).argsort(dim=1)
+    dist, idx = dist.gather(1, by_id), idx.gather(1, by_id)
+    order = dist.argsort(dim=1, stable=True)
+    dist, idx = dist.gather(1, order), idx.gather(1, order)
+    if metric == "ip":
+        dist = -dist
+    return dist, idx
+
+
+def knn(
+    queries,
+    bank,
+    k: int,
+    metric: str = "l2",
+    *,
+    sqrt: bool = False,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact K nearest bank vectors of every query, like ``faiss.knn`` / ``IndexFlat.search``.
+
+    Args:
+        queries: [M, D] or [B, M, D] float tensor or numpy array.
+        bank: [N, D] float tensor or numpy array, on the queries' device.
+        k: neighbours per query (>= 1); more than N gives -1 ids in the extra slots.
+        metric: ``"l2"`` (squared Euclidean), ``"ip"`` (inner product) or ``"cosine"`` (1 - cos).
+        sqrt: with ``"l2"``, return the Euclidean distance instead of its square.
+        backend: ``None`` (auto) or a backend of the ``cosine_topk`` op.
+
+    Returns:
+        ``(dist, idx)``: float32 / int64 [M, K] (or [B, M, K]); idx indexes ``bank`` rows.
+
+    Example:
+        >>> dist, idx = raid_fast.knn(patch_features, memory_bank, k=1)   # PatchCore's nearest neighbour
+    """
+    metric = check_metric(metric)
+    q = as_vectors("queries", queries, ndims=(2, 3))
+    x = as_vectors("bank", bank, dim=q.shape[-1])
+    _checks.check_same_device(queries=q, bank=x)
+    k = _checks.check_int("k", k, minimum=1)
+    if sqrt and metric != "l2":
+        msg = f"sqrt=True applies to metric='l2' only, got metric={metric!r}"
+        raise ValueError(msg)
+    flat = q.reshape(-1, q.shape[-1])  # [B * M, D]
+    _, idx = ops.cosine_topk(
+        search_vectors(flat, metric, "query"),
+        search_vectors(x, metric, "bank"),
+        k,
+        unit_norm=metric == "cosine",
+        backend=backend,
+    )
+    dist, idx = rescore(flat, x, idx, metric)
+    if sqrt:
+        dist = dist.sqrt()
+    return dist.view(*q.shape[:-1], k), idx.view(*q.shape[:-1], k)

@@ -1,0 +1,253 @@
+"""``raid_fast.knn`` and ``raid_fast.Index`` against brute force in float64, torch.cdist and faiss-cpu
+``IndexFlatL2`` / ``IndexFlatIP`` (tie-aware), on every backend of the flat search."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import raid_fast as rf
+from tests.utils import backend_params, device_of
+
+faiss = pytest.importorskip("faiss")
+
+
+def brute_force(q: torch.Tensor, x: torch.Tensor, metric: str) -> torch.Tensor:
+    """[M, N] float64 distances (ascending is better; ip is negated)."""
+    q, x = q.double(), x.double()
+    if metric == "l2":
+        return (q[:, None, :] - x[None, :, :]).pow(2).sum(-1)
+    if metric == "ip":
+        return -(q @ x.T)
+    return 1.0 - F.normalize(q, dim=1) @ F.normalize(x, dim=1).T
+
+
+def assert_knn(dist, idx, q, x, metric, k, atol=1e-4):
+    """dist/idx equal the exact answer: sorted, ties by smaller id, the K-th group cut anywhere."""
+    full = brute_force(q.cpu(), x.cpu(), metric)  # [M, N]
+    sign = -1.0 if metric == "ip" else 1.0
+    dist, idx = dist.cpu(), idx.cpu()
+    n = x.shape[0]
+    for row in range(q.shape[0]):
+        got = idx[row]
+        valid = got >= 0
+        assert int(valid.sum()) == min(k, n), f"row {row}: {int(valid.sum())} neighbours, expected {min(k, n)}"
+        assert bool((~valid).logical_or(valid).all())
+        g = got[valid]
+        assert g.unique().numel() == g.numel(), f"row {row}: repeated id"
+        exact = full[row, g]
+        torch.testing.assert_close(dist[row, valid].double(), sign * exact, atol=atol, rtol=1e-5)
+        # ascending (descending for ip), and exact ties in ascending id order
+        assert bool((exact[1:] >= exact[:-1] - atol).all()), f"row {row}: not sorted"
+        tie = (exact[1:] - exact[:-1]).abs() == 0
+        assert bool((g[1:][tie] > g[:-1][tie]).all()), f"row {row}: ties not by ascending id"
+        # the set strictly better than the K-th distance is the exact one
+        cut = exact.max()
+        want = set(torch.nonzero(full[row] < cut - atol).flatten().tolist())
+        assert want <= set(g.tolist()), f"row {row}: missed {sorted(want - set(g.tolist()))[:8]}"
+        missing = dist[row, ~valid]
+        assert bool(torch.isinf(missing).all()) and bool(((missing < 0) == (metric == "ip")).all())
+
+
+def _data(m=23, n=301, d=19, seed=0, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(m, d, generator=g) * scale, torch.randn(n, d, generator=g) * scale
+
+
+@pytest.mark.parametrize("backend", backend_params("cosine_topk"))
+@pytest.mark.parametrize("metric", ["l2", "ip", "cosine"])
+@pytest.mark.parametrize("k", [1, 7, 40])
+def test_knn_equals_brute_force(backend, metric, k):
+    q, x = _data()
+    dev = device_of(backend)
+    dist, idx = rf.knn(q.to(dev), x.to(dev), k, metric, backend=backend)
+    assert dist.shape == idx.shape == (23, k) and dist.dtype == torch.float32 and idx.dtype == torch.int64
+    assert_knn(dist, idx, q, x, metric, k)
+
+
+@pytest.mark.parametrize("backend", backend_params("cosine_topk"))
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_knn_equals_faiss_flat_with_ties(backend, metric):
+    g = torch.Generator().manual_seed(1)
+    base = torch.randint(-3, 4, (40, 8), generator=g).float()
+    x = torch.cat([base, base[:15], base[5:10]])  # exact duplicates: tied distances
+    q = torch.randint(-3, 4, (17, 8), generator=g).float()
+    dev = device_of(backend)
+    dist, idx = rf.knn(q.to(dev), x.to(dev), 9, metric, backend=backend)
+    index = faiss.IndexFlatL2(8) if metric == "l2" else faiss.IndexFlatIP(8)
+    index.add(x.numpy())
+    fd, fi = index.search(q.numpy(), 9)
+    torch.testing.assert_close(dist.cpu(), torch.from_numpy(fd), atol=1e-5, rtol=0)
+    # integer data: distances are exact, so both must hold the same ids up to the order inside a tie
+    for row in range(17):
+        for value in torch.from_numpy(fd[row]).unique():
+            if value == fd[row, -1]:
+                continue  # the group cut by K may hold any of its members
+            ours = set(idx[row][dist[row].cpu() == value].tolist())
+            theirs = set(fi[row][fd[row] == value.item()].tolist())
+            assert ours == theirs, (row, value.item())
+    assert_knn(dist, idx, q, x, metric, 9, atol=0)
+
+
+def test_knn_equals_torch_cdist():
+    q, x = _data(m=40, n=500, d=33)
+    dist, idx = rf.knn(q, x, 5, "l2", sqrt=True)
+    ref = torch.cdist(q.double(), x.double())
+    ref_dist, ref_idx = ref.topk(5, largest=False)
+    torch.testing.assert_close(dist.double(), ref_dist, atol=1e-4, rtol=1e-6)
+    assert torch.equal(idx, ref_idx)
+
+
+def test_knn_batched_numpy_and_missing():
+    q, x = _data(m=6, n=5, d=4)
+    qb = torch.stack([q, 2 * q])  # [2, 6, 4]
+    dist, idx = rf.knn(qb.numpy(), x.numpy(), 8, "l2")
+    assert dist.shape == (2, 6, 8)
+    assert bool((idx[..., 5:] == -1).all()) and bool(torch.isinf(dist[..., 5:]).all())
+    for b in range(2):
+        d1, i1 = rf.knn(qb[b], x, 8, "l2")
+        assert torch.equal(i1, idx[b]) and torch.equal(d1, dist[b])
+    dist, idx = rf.knn(q, x, 7, "ip")
+    assert bool((dist[:, 5:] == float("-inf")).all()) and bool((dist[:, :-1] >= dist[:, 1:]).all())
+
+
+def test_knn_large_norms_keep_exact_distances():
+    # PatchCore-like features: large norms, close neighbours; the augmented search only ranks, the
+    # distances are recomputed from the vectors
+    g = torch.Generator().manual_seed(3)
+    x = 50.0 + torch.randn(2000, 64, generator=g)
+    q = x[:30] + 1e-3 * torch.randn(30, 64, generator=g)
+    dist, idx = rf.knn(q, x, 1, "l2")
+    assert torch.equal(idx[:, 0], torch.arange(30))
+    exact = (q.double() - x[:30].double()).pow(2).sum(1)
+    torch.testing.assert_close(dist[:, 0].double(), exact, rtol=1e-6, atol=0)
+
+
+def test_knn_errors():
+    q, x = _data(m=3, n=10, d=4)
+    with pytest.raises(ValueError, match="metric must be one of"):
+        rf.knn(q, x, 2, "manhattan")
+    with pytest.raises(ValueError, match="bank must have D=4"):
+        rf.knn(q, x[:, :3], 2)
+    with pytest.raises(ValueError, match="sqrt=True applies to metric='l2' only"):
+        rf.knn(q, x, 2, "ip", sqrt=True)
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        rf.knn(q, x, 0)
+    with pytest.raises(ValueError, match="queries must be finite"):
+        rf.knn(q.masked_fill(q > 1, float("nan")), x, 2)
+    with pytest.raises(TypeError, match="bank must be a floating-point tensor"):
+        rf.knn(q, torch.ones(10, 4, dtype=torch.int64), 2)
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip", "cosine"])
+def test_flat_index_equals_knn_and_adds(metric):
+    q, x = _data()
+    index = rf.Index(x[:200], metric=metric)
+    index.add(x[200:])
+    assert index.ntotal == len(index) == 301
+    assert [torch.equal(a, b) for a, b in zip(index.search(q, 6), rf.knn(q, x, 6, metric))] == [True, True]
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip", "cosine"])
+def test_ivf_index_all_lists_is_exact_and_fewer_lists_recall(metric):
+    q, x = _data(n=600)
+    exact = rf.knn(q, x, 5, metric)
+    full = rf.Index(x, metric=metric, n_lists=12, nprobe=12)
+    assert [torch.equal(a, b) for a, b in zip(full.search(q, 5), exact)] == [True, True]
+    some = rf.Index(x, metric=metric, n_lists=12, nprobe=3)
+    dist, idx = some.search(q, 5)
+    # what IVF finds is exact for those candidates: sorted, with their true distances
+    assert_knn_candidates(dist, idx, q, x, metric)
+    recall = (idx[:, :, None] == exact[1][:, None, :]).any(-1).float().mean()
+    assert 0.1 < float(recall) <= 1.0
+    # nprobe per call; more lists scanned never loses recall
+    more = some.search(q, 5, nprobe=9)[1]
+    assert float((more[:, :, None] == exact[1][:, None, :]).any(-1).float().mean()) >= float(recall)
+
+
+def assert_knn_candidates(dist, idx, q, x, metric):
+    full = brute_force(q, x, metric)
+    sign = -1.0 if metric == "ip" else 1.0
+    ok = idx >= 0
+    torch.testing.assert_close(dist[ok].double(), sign * full.gather(1, idx.clamp_min(0))[ok], atol=1e-4, rtol=1e-5)
+
+
+def test_ivf_add_keeps_ids_and_lists():
+    q, x = _data(n=400)
+    index = rf.Index(x[:300], metric="l2", n_lists=8, nprobe=8)
+    index.add(x[300:])
+    assert [torch.equal(a, b) for a, b in zip(index.search(q, 4), rf.knn(q, x, 4))] == [True, True]
+    offsets = index.list_offsets
+    assert int(offsets[-1]) == 400 and bool((offsets[1:] >= offsets[:-1]).all())
+    assert torch.equal(index.list_ids.sort().values, torch.arange(400))
+
+
+def test_index_state_dict_and_file_round_trip(tmp_path):
+    q, x = _data(n=250)
+    index = rf.Index(x, metric="cosine", n_lists=6, nprobe=2)
+    want = index.search(q, 4)
+
+    class Model(torch.nn.Module):
+        def __init__(self, index):
+            super().__init__()
+            self.index = index
+
+    torch.save(Model(index).state_dict(), tmp_path / "model.pt")
+    fresh = Model(rf.Index(metric="cosine", n_lists=6, dim=x.shape[1]))
+    fresh.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
+    assert fresh.index.nprobe == 2 and fresh.index.ntotal == 250
+    assert [torch.equal(a, b) for a, b in zip(fresh.index.search(q, 4), want)] == [True, True]
+    with pytest.raises(ValueError, match="metric='cosine'"):
+        Model(rf.Index(metric="l2", n_lists=6, dim=x.shape[1])).load_state_dict(Model(index).state_dict())
+
+    index.save(tmp_path / "index.safetensors")
+    loaded = rf.Index.load(tmp_path / "index.safetensors")
+    assert [torch.equal(a, b) for a, b in zip(loaded.search(q, 4), want)] == [True, True]
+
+
+def test_index_file_damage_is_an_error(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    index = rf.Index(_data(n=50)[1], metric="l2", n_lists=4)
+    path = tmp_path / "index.safetensors"
+    index.save(path)
+    raw = bytearray(path.read_bytes())
+    raw[-5] ^= 0xFF
+    (tmp_path / "flipped.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        rf.Index.load(tmp_path / "flipped.safetensors")
+    (tmp_path / "cut.safetensors").write_bytes(bytes(raw[:100]))
+    with pytest.raises(ValueError, match="not a readable raid_fast index"):
+        rf.Index.load(tmp_path / "cut.safetensors")
+    # a crafted file with valid checksums but lists that do not cover the bank
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as fh:
+        meta = fh.metadata()
+    tensors = load_file(path)
+    tensors["list_offsets"] = tensors["list_offsets"].clone()
+    tensors["list_offsets"][-1] -= 1
+    import json
+
+    from raid_fast.index import _sha256
+
+    meta["sha256"] = json.dumps({k: _sha256(v) for k, v in tensors.items()})
+    save_file(tensors, tmp_path / "crafted.safetensors", metadata=meta)
+    with pytest.raises(ValueError, match="list_offsets must be int64"):
+        rf.Index.load(tmp_path / "crafted.safetensors")
+    with pytest.raises(FileNotFoundError):
+        rf.Index.load(tmp_path / "missing.safetensors")
+
+
+def test_index_errors():
+    with pytest.raises(ValueError, match="needs a bank"):
+        rf.Index()
+    with pytest.raises(ValueError, match="n_lists must be >= 1"):
+        rf.Index(dim=4, n_lists=0)
+    index = rf.Index(dim=4)
+    with pytest.raises(ValueError, match="x must have D=4"):
+        index.add(torch.randn(3, 5))
+    with pytest.raises(ValueError, match="queries must have D=4"):
+        index.search(torch.randn(3, 5), 2)
+    assert index.search(torch.randn(3, 4), 2)[1].eq(-1).all()
+    assert np.isinf(index.search(torch.randn(3, 4), 2)[0].numpy()).all()
