@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from raid_fast import _checks, _dispatch
+from raid_fast import _checks, _dispatch, _extras
 from raid_fast.ops.kmeans import Points, kmeans_assign, prepare_centroids, prepare_points
 
 INITS = ("k-means++", "random")
@@ -181,9 +181,7 @@ def kmeans(
     obj = torch.empty(niter + 1, groups.n_groups, dtype=torch.float64, device=points.values.device)
     steps = range(niter)
     if progress:
-        from tqdm.auto import tqdm
-
-        steps = tqdm(steps, desc=f"kmeans k={k}", unit="iter")
+        steps = _extras.tqdm()(steps, desc=f"kmeans k={k}", unit="iter")
     for it in steps:
         dist, _, centroids, _ = _dispatch.call(
             "kmeans_step",

@@ -171,9 +171,12 @@ class Index(nn.Module):
         self.list_offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
         return self
 
-    def search(self, queries, k: int, nprobe: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def search(
+        self, queries, k: int, nprobe: int | None = None, exact_distances: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(dist, idx)`` [M, K] (or [B, M, K]) of the K nearest bank vectors, ``raid_fast.knn``'s
-        conventions; IVF scans the ``nprobe`` nearest lists (default ``self.nprobe``)."""
+        conventions (``exact_distances`` as there); IVF scans the ``nprobe`` nearest lists (default
+        ``self.nprobe``)."""
         q = as_vectors("queries", queries, dim=self.dim, ndims=(2, 3))
         _checks.check_same_device(queries=q, index=self.vectors)
         k = _checks.check_int("k", k, minimum=1)
@@ -193,7 +196,7 @@ class Index(nn.Module):
                 probes = self._assign(flat, p)  # [M, P]
             _, slot = ops.ivf_topk(sq, probes, self.list_offsets, self.list_vectors, k, backend=self.backend)
         ids = torch.where(slot >= 0, self.list_ids[slot.clamp_min(0)], -1)  # list slot -> bank id
-        dist, idx = rescore(flat, self.vectors, ids, self.metric)
+        dist, idx = rescore(flat, self.vectors, ids, self.metric, exact_distances)
         return dist.view(*q.shape[:-1], k), idx.view(*q.shape[:-1], k)
 
     def reset(self) -> Index:

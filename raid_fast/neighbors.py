@@ -16,11 +16,13 @@ How: each metric is one maximum-inner-product search, the ``cosine_topk`` op wit
 ``unit_norm=False`` on every backend (C++ on the CPU, Triton on a GPU): ``"ip"`` as is, ``"cosine"``
 on unit vectors, ``"l2"`` on augmented vectors ``q' = [q, 1]``, ``x' = [x, -||x||^2 / 2]`` (so that
 ``q' . x' = q . x - ||x||^2 / 2``, largest where ``||q - x||^2`` is smallest). The K found are then
-scored again from the vectors themselves in float64 (no cancellation in ``||q||^2 + ||x||^2 - 2 q . x``)
-and sorted by (distance, id).
+scored again from the vectors, with faiss's and PatchCore's float32 arithmetic (so a drop-in gives
+their values) or, with ``exact_distances=True``, in float64; then sorted by (distance, id).
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -37,8 +39,11 @@ def check_metric(metric: str) -> str:
     return metric
 
 
-def as_vectors(name: str, x, dim: int | None = None, ndims: tuple[int, ...] = (2,)) -> torch.Tensor:
-    """A float tensor (numpy arrays accepted, no copy) of one of ``ndims`` dims, finite, float32."""
+def as_vectors(
+    name: str, x, dim: int | None = None, ndims: tuple[int, ...] = (2,), check_finite: bool = True
+) -> torch.Tensor:
+    """A float tensor (numpy arrays accepted, no copy) of one of ``ndims`` dims, float32, finite
+    (unless ``check_finite=False``: the caller checks)."""
     t = _checks.as_tensor(name, x)
     _checks.check_floating(name, t)
     layout = " or ".join({2: "[N, D]", 3: "[B, M, D]"}[n] for n in ndims)
@@ -47,7 +52,8 @@ def as_vectors(name: str, x, dim: int | None = None, ndims: tuple[int, ...] = (2
         msg = f"{name} must have D={dim}, got shape {tuple(t.shape)}"
         raise ValueError(msg)
     t = t.float()
-    _checks.check_finite(name, t)
+    if check_finite:
+        _checks.check_finite(name, t)
     return t
 
 
@@ -61,26 +67,63 @@ def search_vectors(x: torch.Tensor, metric: str, side: str) -> torch.Tensor:
     return torch.cat([x, extra], dim=-1)  # [.., D + 1]
 
 
+# the last bank knn prepared for the search: repeated calls over one memory bank (PatchCore's
+# scoring loop) skip the [N, D'] copy; keyed by the tensor itself and its version counter
+_LAST_BANK: dict = {}
+
+
+def _bank_search_vectors(bank, x: torch.Tensor, metric: str) -> torch.Tensor:
+    """The bank's search vectors, validated (finite) once per tensor version."""
+    cacheable = isinstance(bank, torch.Tensor) and x is bank and not torch.compiler.is_compiling()
+    if cacheable:
+        key = (metric, bank._version, bank.data_ptr(), tuple(bank.shape), bank.stride(), bank.device)
+        ref, cached_key, prepared = _LAST_BANK.get("entry", (None, None, None))
+        if ref is not None and ref() is bank and cached_key == key:
+            return prepared
+    _checks.check_finite("bank", x)
+    prepared = search_vectors(x, metric, "bank")
+    if cacheable:
+        _LAST_BANK["entry"] = (weakref.ref(bank), key, prepared)
+    return prepared
+
+
 def rescore(
-    queries: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, metric: str
+    queries: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, metric: str, exact: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact distances of the candidates ``idx`` [M, K] (bank ids, -1 missing), sorted by (dist, id).
+    """Distances of the candidates ``idx`` [M, K] (bank ids, -1 missing), sorted by (dist, id).
+
+    ``exact=False``: float32 with faiss's and PatchCore's arithmetic, a matmul of the queries with
+    the candidate rows, then ``-2 q.x + ||q||^2 + ||x||^2`` (clamped at 0) for ``"l2"``; the values
+    equal theirs bit for bit where the matmul kernel is the same. ``exact=True``: float64 straight
+    from the vectors (``||q - x||^2``), free of the expansion's cancellation for large norms.
 
     Returns dist [M, K] float32 (ascending; descending inner products for ``"ip"``) and idx [M, K].
     """
     m, k = idx.shape
+    if metric == "cosine":
+        queries, bank = F.normalize(queries, dim=-1), F.normalize(bank, dim=-1)
     dist = torch.empty(m, k, dtype=torch.float32, device=queries.device)
     rows = max(1, _RESCORE_ELEMENTS // max(1, k * queries.shape[1]))
     for start in range(0, m, rows):
         sl = slice(start, start + rows)
-        q = queries[sl].double()  # [m', D]
-        x = bank[idx[sl].clamp_min(0)].double()  # [m', K, D]
-        if metric == "l2":
-            d = (q[:, None, :] - x).pow(2).sum(-1)
-        elif metric == "ip":
-            d = -(q[:, None, :] * x).sum(-1)
+        cand = idx[sl].clamp_min(0)  # [m', K]
+        if exact:
+            q = queries[sl].double()  # [m', D]
+            x = bank[cand].double()  # [m', K, D]
+            d = (q[:, None, :] - x).pow(2).sum(-1) if metric == "l2" else -(q[:, None, :] * x).sum(-1)
         else:
-            d = 1.0 - (F.normalize(q, dim=-1)[:, None, :] * F.normalize(x, dim=-1)).sum(-1)
+            # one matmul against the distinct candidate rows: the dots a full [m', N] matmul would give
+            rows_used, where = torch.unique(cand, return_inverse=True)  # [U], [m', K]
+            x = bank[rows_used]  # [U, D]
+            dots = queries[sl] @ x.T  # [m', U]
+            if metric == "l2":
+                q_sq = queries[sl].pow(2).sum(-1, keepdim=True)  # [m', 1]
+                d = dots.mul_(-2).add_(q_sq).add_(x.pow(2).sum(-1)[None, :]).clamp_min_(0)
+            else:
+                d = dots.neg_()
+            d = d.gather(1, where)
+        if metric == "cosine":
+            d = d + 1.0
         dist[sl] = d.float()
     dist = dist.masked_fill(idx < 0, float("inf"))
     # (dist, id): ids first, then a stable sort by distance
@@ -100,6 +143,7 @@ def knn(
     metric: str = "l2",
     *,
     sqrt: bool = False,
+    exact_distances: bool = False,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact K nearest bank vectors of every query, like ``faiss.knn`` / ``IndexFlat.search``.
@@ -110,6 +154,9 @@ def knn(
         k: neighbours per query (>= 1); more than N gives -1 ids in the extra slots.
         metric: ``"l2"`` (squared Euclidean), ``"ip"`` (inner product) or ``"cosine"`` (1 - cos).
         sqrt: with ``"l2"``, return the Euclidean distance instead of its square.
+        exact_distances: the returned distances in float64 from the vectors (then rounded to
+            float32) instead of faiss's float32 ``||q||^2 + ||x||^2 - 2 q.x``, which loses digits
+            when the norms dwarf the distances. The neighbours are the same.
         backend: ``None`` (auto) or a backend of the ``cosine_topk`` op.
 
     Returns:
@@ -120,7 +167,7 @@ def knn(
     """
     metric = check_metric(metric)
     q = as_vectors("queries", queries, ndims=(2, 3))
-    x = as_vectors("bank", bank, dim=q.shape[-1])
+    x = as_vectors("bank", bank, dim=q.shape[-1], check_finite=False)  # checked with its search copy
     _checks.check_same_device(queries=q, bank=x)
     k = _checks.check_int("k", k, minimum=1)
     if sqrt and metric != "l2":
@@ -129,12 +176,12 @@ def knn(
     flat = q.reshape(-1, q.shape[-1])  # [B * M, D]
     _, idx = ops.cosine_topk(
         search_vectors(flat, metric, "query"),
-        search_vectors(x, metric, "bank"),
+        _bank_search_vectors(bank, x, metric),
         k,
         unit_norm=metric == "cosine",
         backend=backend,
     )
-    dist, idx = rescore(flat, x, idx, metric)
+    dist, idx = rescore(flat, x, idx, metric, exact_distances)
     if sqrt:
         dist = dist.sqrt()
     return dist.view(*q.shape[:-1], k), idx.view(*q.shape[:-1], k)

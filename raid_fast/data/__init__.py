@@ -1,6 +1,10 @@
 """Datasets: MVTec-layout folders on disk and the embedded default dataset generated from
 scikit-image textures (see :mod:`raid_fast.data.mvtec` and :mod:`raid_fast.data.embedded`)."""
 
+from raid_fast._extras import require
+
+require("raid_fast.data")
+
 from raid_fast.data.embedded import (
     EMBEDDED_CLASSES,
     EMBEDDED_DEFECTS,

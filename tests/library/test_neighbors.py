@@ -111,16 +111,34 @@ def test_knn_batched_numpy_and_missing():
     assert bool((dist[:, 5:] == float("-inf")).all()) and bool((dist[:, :-1] >= dist[:, 1:]).all())
 
 
-def test_knn_large_norms_keep_exact_distances():
-    # PatchCore-like features: large norms, close neighbours; the augmented search only ranks, the
-    # distances are recomputed from the vectors
+def test_knn_large_norms_exact_distances():
+    # PatchCore-like features: large norms, close neighbours; the augmented search only ranks, and
+    # exact_distances recomputes the distances from the vectors
     g = torch.Generator().manual_seed(3)
     x = 50.0 + torch.randn(2000, 64, generator=g)
     q = x[:30] + 1e-3 * torch.randn(30, 64, generator=g)
-    dist, idx = rf.knn(q, x, 1, "l2")
+    dist, idx = rf.knn(q, x, 1, "l2", exact_distances=True)
     assert torch.equal(idx[:, 0], torch.arange(30))
     exact = (q.double() - x[:30].double()).pow(2).sum(1)
     torch.testing.assert_close(dist[:, 0].double(), exact, rtol=1e-6, atol=0)
+    # the default keeps faiss's float32 expansion, which cannot resolve these distances
+    fast, fast_idx = rf.knn(q, x, 1, "l2")
+    assert torch.equal(fast_idx, idx) and float((fast[:, 0].double() - exact).abs().max()) > 1e-3
+
+
+def test_knn_distances_are_patchcores_arithmetic():
+    """The default l2 distances equal anomalib PatchCore's euclidean_dist (squared) bit for bit:
+    a float32 matmul, then -2 q.x + ||q||^2 + ||x||^2, clamped at 0."""
+    g = torch.Generator().manual_seed(4)
+    bank, q = 0.5 + 1.5 * torch.randn(3000, 152, generator=g), 0.5 + 1.5 * torch.randn(700, 152, generator=g)
+    full = q.matmul(bank.T).mul(-2).add_(q.pow(2).sum(-1, keepdim=True)).add_(bank.pow(2).sum(-1)[None, :])
+    full = full.clamp_min_(0)
+    ref_dist, ref_idx = full.topk(9, dim=1, largest=False)
+    dist, idx = rf.knn(q, bank, 9, "l2")
+    assert torch.equal(idx, ref_idx)
+    assert torch.equal(dist, ref_dist)
+    ip, ip_idx = rf.knn(q, bank, 4, "ip")
+    assert torch.equal(ip, (q @ bank.T).gather(1, ip_idx))
 
 
 def test_knn_errors():
@@ -251,3 +269,16 @@ def test_index_errors():
         index.search(torch.randn(3, 5), 2)
     assert index.search(torch.randn(3, 4), 2)[1].eq(-1).all()
     assert np.isinf(index.search(torch.randn(3, 4), 2)[0].numpy()).all()
+
+
+def test_knn_reuses_the_bank_copy_only_while_the_bank_is_unchanged():
+    q, x = _data(m=8, n=100, d=6)
+    first = rf.knn(q, x, 3)
+    assert [torch.equal(a, b) for a, b in zip(rf.knn(q, x, 3), first)] == [True, True]
+    x[first[1][0, 0]] += 100.0  # an in-place edit bumps the version: the copy is rebuilt
+    moved = rf.knn(q, x, 3)
+    assert int(moved[1][0, 0]) != int(first[1][0, 0])
+    assert [torch.equal(a, b) for a, b in zip(moved, rf.knn(q, x.clone(), 3))] == [True, True]
+    x[5, 2] = float("nan")
+    with pytest.raises(ValueError, match="bank must be finite"):
+        rf.knn(q, x, 3)
