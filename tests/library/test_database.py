@@ -148,7 +148,7 @@ def test_save_load_round_trip(tmp_path):
     for name in tensors:
         assert torch.equal(getattr(back, name), getattr(db, name)), name
     assert back.params == db.params and back.class_purity == db.class_purity
-    assert not (tmp_path / "db.safetensors.tmp").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["db.safetensors"]  # no temporary left behind
 
 
 def test_load_rejects_damaged_truncated_and_other_versions(tmp_path):
