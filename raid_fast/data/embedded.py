@@ -159,6 +159,29 @@ def render_defect(
     raise RuntimeError(msg)
 
 
+MARKER = ".raid_fast_embedded"  # written into each class folder the generator creates
+
+
+def _check_class_name(name: str) -> None:
+    """A class must be a plain folder name: it becomes ``root / name``, and may later be replaced."""
+    if not isinstance(name, str) or name in ("", ".", "..") or name != Path(name).name or "\\" in name:
+        msg = f"classes must be plain folder names (no path separators, not '.' or '..'), got {name!r}"
+        raise ValueError(msg)
+
+
+def _is_ours(root: Path, name: str) -> bool:
+    """Whether ``root / name`` is a class folder this module wrote: a real folder (not a link)
+    directly under ``root`` holding the generator's marker file."""
+    folder = root / name
+    return (
+        name == Path(name).name
+        and name not in ("", ".", "..")
+        and folder.is_dir()
+        and not folder.is_symlink()
+        and (folder / MARKER).is_file()
+    )
+
+
 def _save_png(arr: np.ndarray, path: Path) -> None:
     from PIL import Image
 
@@ -196,7 +219,9 @@ def make_embedded_dataset(
         n_test_bad: defective test images per class.
         classes: textures to use (names of ``skimage.data`` functions).
         defect_types: defect kinds, a subset of :data:`EMBEDDED_DEFECTS`.
-        overwrite: replace class folders that exist but were not written by this function.
+        overwrite: replace the folders of ``classes`` that exist but were not written by this
+            function (each folder it writes holds a marker file, :data:`MARKER`; only such folders
+            are replaced otherwise, whatever ``embedded.json`` says).
 
     Returns:
         The dataset root (``Path(out_dir)``).
@@ -227,26 +252,32 @@ def make_embedded_dataset(
         "classes": classes,
         "defect_types": defect_types,
     }
+    for c in classes:
+        _check_class_name(c)
     record = root / "embedded.json"
     if record.is_file():
         try:
             old = json.loads(record.read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             old = None
-        if isinstance(old, dict) and old.get("params") == params and all((root / c).is_dir() for c in classes):
+        if isinstance(old, dict) and old.get("params") == params and all(_is_ours(root, c) for c in classes):
             n_files = sum(1 for c in classes for p in (root / c).rglob("*.png"))
             if n_files == old.get("n_files"):
                 return root
-        mine = set(old.get("params", {}).get("classes", [])) if isinstance(old, dict) else set()
-    else:
-        mine = set()
     for c in classes:
-        if (root / c).exists() and c not in mine and not overwrite:
+        if (root / c).exists() and not _is_ours(root, c) and not overwrite:
             msg = f"{str(root / c)!r} exists and was not written by make_embedded_dataset (pass overwrite=True to replace it)"
             raise FileExistsError(msg)
-    for c in set(classes) | mine:
-        if (root / c).exists():
-            shutil.rmtree(root / c)
+    # only folders this function can prove it wrote (its marker inside, a plain name under root) are
+    # deleted: names read from embedded.json are never trusted, whatever they say
+    stale = {p.name for p in root.iterdir() if _is_ours(root, p.name)} if root.is_dir() else set()
+    for c in sorted(stale | set(classes)):
+        folder = root / c
+        if folder.is_symlink():
+            msg = f"{str(folder)!r} is a symbolic link; make_embedded_dataset does not replace links: remove it"
+            raise FileExistsError(msg)
+        if folder.exists():
+            shutil.rmtree(folder)
     root.mkdir(parents=True, exist_ok=True)
 
     textures = {c: _texture(c) for c in classes}
@@ -258,6 +289,7 @@ def make_embedded_dataset(
         used = defect_types[: min(n_test_bad, len(defect_types))]
         for sub in ["train/good", "test/good"] + [f"test/{t}" for t in used] + [f"ground_truth/{t}" for t in used]:
             (cdir / sub).mkdir(parents=True, exist_ok=True)
+        (cdir / MARKER).write_text(json.dumps({"written_by": "raid_fast.data.make_embedded_dataset", "class": c}))
         for i in range(n_train):
             rng = np.random.default_rng([seed, ci, 0, i])
             _save_png(texture_crop(tex, image_size, rng), cdir / "train" / "good" / f"{i:03d}.png")

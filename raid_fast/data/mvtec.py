@@ -10,7 +10,9 @@ On-disk layout (MVTec AD; VisA's 1cls split, MPDD and BTAD use or convert to it)
     <root>/<class>/ground_truth/<type>/<stem>.png        (VisA 1cls, BTAD)
 
 Files at the top level of ``root`` (MVTec's license.txt and readme.txt) and hidden entries are
-ignored. Masks are binarised with ``> 127``. An anomalous image whose mask is missing gets an
+ignored. Masks are binarised at half their range (``> 127`` for 0/255 masks; 0/1 masks are read as
+such, see :func:`raid_fast.data.load_mask`) and must have their image's size (another size is an
+error, never a silent resize). An anomalous image whose mask is missing gets an
 all-zero mask and keeps label 1 (the authors' behaviour), with one warning per missing
 ``ground_truth/<type>`` folder; ``strict_masks=True`` makes a missing mask an error instead.
 
@@ -39,7 +41,7 @@ import torch
 from torch.utils.data import Dataset
 
 from raid_fast import _checks
-from raid_fast.data.images import IMAGE_EXTENSIONS, PathLike, load_image, load_mask
+from raid_fast.data.images import IMAGE_EXTENSIONS, PathLike, image_size, load_image, load_mask
 
 
 @dataclass(frozen=True)
@@ -218,6 +220,16 @@ class MVTecDataset(Dataset):
         s = self.samples[i]
         image = load_image(s.path, self.image_size)  # [3, H, W]
         h, w = image.shape[1:]
+        if s.mask_path is not None:
+            # a mask of another size is another image's mask, or a wrong export: resizing it would
+            # score the defect at the wrong pixels
+            native, mask_native = image_size(s.path), image_size(s.mask_path)
+            if native != mask_native:
+                msg = (
+                    f"mask {s.mask_path!r} is {mask_native[0]}x{mask_native[1]} but its image {s.path!r} is "
+                    f"{native[0]}x{native[1]}; masks must have their image's size"
+                )
+                raise ValueError(msg)
         mask = load_mask(s.mask_path, (h, w)) if s.mask_path is not None else torch.zeros(1, h, w)  # [1, H, W]
         return {
             "image": image,

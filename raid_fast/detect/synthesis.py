@@ -84,11 +84,11 @@ def structure_source(image: np.ndarray, rng: np.random.Generator, grid: int = 8)
 
 @functools.lru_cache(maxsize=64)
 def _load_texture(path: str, h: int, w: int) -> np.ndarray:
-    from PIL import Image
+    from raid_fast.data.images import load_image
 
-    with Image.open(path) as im:
-        im = im.convert("RGB").resize((w, h), Image.BICUBIC)
-        arr = np.asarray(im, dtype=np.uint8).copy()
+    # the image loader's scaling, so that 16-bit and float textures are not clipped to white or black
+    image = load_image(path, (h, w))  # [3, H, W] in [0, 1]
+    arr = np.rint(image.permute(1, 2, 0).numpy() * 255.0).astype(np.uint8)
     arr.setflags(write=False)
     return arr
 

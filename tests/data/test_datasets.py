@@ -54,8 +54,7 @@ def _tree(root: Path, n_train: int = 3) -> Path:
     _png(root / "bottle" / "ground_truth" / "broken" / "000_mask.png", _mask())
     _png(root / "bottle" / "ground_truth" / "broken" / "001_mask.png", np.zeros((30, 40), np.uint8))
     _png(root / "candle" / "test" / "bad" / "000.png", _img(9))
-    # mask at another resolution than its image: resized with nearest neighbour
-    _png(root / "candle" / "ground_truth" / "bad" / "000.png", _mask().repeat(2, 0).repeat(2, 1))
+    _png(root / "candle" / "ground_truth" / "bad" / "000.png", _mask())
     return root
 
 
@@ -93,11 +92,30 @@ def test_test_split_labels_and_masks(tmp_path):
     assert torch.equal(m0, expected)
     assert ds[1]["mask"].sum() == 0 and ds[1]["label"] == 1
     assert ds[2]["mask"].sum() == 0
-    # VisA-style name, mask at twice the image size
+    # VisA-style name
     assert ds.samples[3].mask_path.endswith("ground_truth/bad/000.png")
     assert torch.equal(ds[3]["mask"], expected)
     resized = MVTecDataset(root, split="test", image_size=15)[0]["mask"]
     assert resized.shape == (1, 15, 15) and set(resized.unique().tolist()) == {0.0, 1.0}
+
+
+def test_a_mask_of_another_size_than_its_image_is_an_error(tmp_path):
+    root = _tree(tmp_path / "mvtec")
+    _png(root / "candle" / "ground_truth" / "bad" / "000.png", _mask().repeat(2, 0).repeat(2, 1))
+    ds = MVTecDataset(root, classes=["candle"], split="test", image_size=16)
+    with pytest.raises(
+        ValueError, match=r"mask '.*ground_truth/bad/000.png' is 60x80 but its image '.*000.png' is 30x40"
+    ):
+        ds[0]
+
+
+def test_zero_one_masks_read_like_zero_255_masks(tmp_path):
+    root = _tree(tmp_path / "mvtec")
+    m255 = MVTecDataset(root, classes=["bottle"], split="test", image_size=None)[0]["mask"]
+    assert float(m255.sum()) > 0
+    _png(root / "bottle" / "ground_truth" / "broken" / "000_mask.png", (_mask() > 127).astype(np.uint8))
+    m01 = MVTecDataset(root, classes=["bottle"], split="test", image_size=None)[0]["mask"]
+    assert torch.equal(m01, m255)
 
 
 def test_missing_root_and_class_errors(tmp_path):
@@ -259,3 +277,36 @@ def test_embedded_deterministic_by_seed(tmp_path):
     (tmp_path / "d" / "brick").mkdir(parents=True)
     with pytest.raises(FileExistsError, match="brick"):
         make_embedded_dataset(tmp_path / "d", **kw)
+
+
+@pytest.mark.parametrize("hostile", ["absolute", "parent", "sibling", "unmarked"])
+def test_embedded_never_deletes_what_it_did_not_write(tmp_path, hostile):
+    """embedded.json is not trusted: class names in it that point outside the root, or at folders
+    the generator did not write, are never deleted."""
+    import json
+
+    kw = dict(image_size=32, n_train=1, n_test_good=1, n_test_bad=1, classes=("brick",))
+    root = make_embedded_dataset(tmp_path / "out" / "data", **kw)
+    victim = tmp_path / "victim"
+    (victim / "keep").mkdir(parents=True)
+    (victim / "keep" / "precious.txt").write_text("do not delete")
+    names = {
+        "absolute": str(victim),
+        "parent": "../../victim",
+        "sibling": "../victim",
+        "unmarked": "victim",
+    }
+    if hostile == "sibling":
+        victim = tmp_path / "out" / "victim"
+        shutil.copytree(tmp_path / "victim", victim)
+    if hostile == "unmarked":
+        victim = root / "victim"
+        shutil.copytree(tmp_path / "victim", victim)
+    record = json.loads((root / "embedded.json").read_text())
+    record["params"]["classes"] = ["brick", names[hostile]]
+    (root / "embedded.json").write_text(json.dumps(record))
+    make_embedded_dataset(root, seed=1, **kw)  # other parameters: regenerates its own folders
+    assert (victim / "keep" / "precious.txt").read_text() == "do not delete"
+    assert (root / "brick" / "train" / "good" / "000.png").is_file()
+    with pytest.raises(ValueError, match="classes must be plain folder names"):
+        make_embedded_dataset(root, classes=("../victim",), **{k: v for k, v in kw.items() if k != "classes"})
