@@ -25,6 +25,7 @@ anomaly region or no normal pixel.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Hashable, Sequence
 from typing import Any
 
@@ -187,16 +188,36 @@ def evaluate_per_class(
 
     Returns:
         ``{class: metrics}`` in order of first appearance, then ``"mean"``: the mean of each metric
-        over the classes. A metric that is NaN for some class (e.g. I-AUROC of a class whose
-        images are all normal) makes its mean NaN too, so an incomplete average is never reported
-        as if it covered every class.
+        over the classes. A class needs normal and anomalous images to be evaluated: without both,
+        all its image metrics are NaN (not the AP of 1 that positives alone give), and without
+        both normal and defect pixels, all its pixel metrics are; each such class is named in a
+        ``RuntimeWarning``. A metric that is NaN for some class makes its mean NaN too, so an
+        incomplete average is never reported as if it covered every class.
     """
     s, y, m, g, limit = _evaluate_inputs(scores, labels, maps, masks, pro_fpr_limit)
     names = _class_names(classes, s.shape[0])
     rows: dict[Hashable, dict[str, float]] = {}
     for name in dict.fromkeys(names):
         idx = np.flatnonzero([c == name for c in names])
-        rows[name] = _evaluate_host(s[idx], y[idx], None if m is None else m[idx], None if g is None else g[idx], limit)
+        row = _evaluate_host(s[idx], y[idx], None if m is None else m[idx], None if g is None else g[idx], limit)
+        lacking = [kind for kind, v in (("normal", False), ("anomalous", True)) if not (y[idx] == v).any()]
+        if lacking:
+            row.update(dict.fromkeys(IMAGE_METRICS, math.nan))
+            warnings.warn(
+                f"class {name!r} has no {' and no '.join(lacking)} test image: its image metrics are undefined (NaN)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        if g is not None and not (g[idx].any() and not g[idx].all()):
+            kind = "defect" if not g[idx].any() else "normal"
+            row.update(dict.fromkeys(PIXEL_METRICS, math.nan))
+            if not lacking:
+                warnings.warn(
+                    f"class {name!r} has no {kind} pixel in its masks: its pixel metrics are undefined (NaN)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        rows[name] = row
     keys = next(iter(rows.values())).keys()
     rows["mean"] = {k: float(np.mean([row[k] for row in rows.values()])) for k in keys}
     return rows

@@ -109,3 +109,50 @@ def test_retrieval_only_detects_embedded_defects(tmp_path):
     assert torch.equal(out.class_ids, torch.tensor(test.class_ids))
     metrics = evaluate(out.score, torch.tensor(test.labels), out.pixel_map, masks)
     assert metrics["I-AUROC"] > 0.8 and metrics["P-AUROC"] > 0.8, metrics
+
+
+def _bilinear_align_corners(x: np.ndarray, size) -> np.ndarray:
+    """[h, w] -> [H, W] bilinear with align_corners=True, written out in numpy (the oracle)."""
+    h, w = x.shape
+    ys = np.linspace(0, h - 1, size[0])
+    xs = np.linspace(0, w - 1, size[1])
+    y0, x0 = np.floor(ys).astype(int), np.floor(xs).astype(int)
+    y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
+    fy, fx = (ys - y0)[:, None], (xs - x0)[None, :]
+    top = x[y0][:, x0] * (1 - fx) + x[y0][:, x1] * fx
+    bottom = x[y1][:, x0] * (1 - fx) + x[y1][:, x1] * fx
+    return top * (1 - fy) + bottom * fy
+
+
+def test_pixel_map_is_the_blurred_upsampled_score_map():
+    """Pinned against a numpy/scipy oracle at a small size: bilinear (align_corners) upsampling, then
+    scipy's Gaussian (sigma 4); without the blur the map would differ by far more than the tolerance."""
+    ndimage = pytest.importorskip("scipy.ndimage")
+    det, _ = make_detector()
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    out = det.predict(images)
+    for b in range(2):
+        up = _bilinear_align_corners(out.score_map[b].double().numpy(), (16, 16))
+        expected = ndimage.gaussian_filter(up, 4.0)
+        assert np.allclose(out.pixel_map[b].numpy(), expected, atol=1e-5)
+        assert np.abs(up - expected).max() > 1e-3  # the blur matters here
+    assert torch.equal(out.score, top_percent_mean(out.score_map, 1.0))
+
+
+def test_guidance_is_query_tokens_then_prototypes():
+    """G0 = cat(query tokens, top-1 semantic prototypes) on channels, row-major over the grid."""
+    from raid_fast.detect.detector import guidance_maps
+
+    tokens = torch.arange(2 * 6 * 3, dtype=torch.float32).view(2, 6, 3)  # [B, L, D], grid 2 x 3
+    proto = -1.0 - torch.arange(2 * 6 * 3, dtype=torch.float32).view(2, 6, 3)
+    g = guidance_maps(tokens, proto, (2, 3))
+    assert g.shape == (2, 6, 2, 3)
+    assert torch.equal(g[:, :3], tokens.transpose(1, 2).reshape(2, 3, 2, 3))
+    assert torch.equal(g[:, 3:], proto.transpose(1, 2).reshape(2, 3, 2, 3))
+    assert torch.equal(g[1, :, 1, 2], torch.cat([tokens[1, 5], proto[1, 5]]))
+    # the detector hands the filter exactly this
+    det, _ = make_detector()
+    images = torch.rand(1, 3, 16, 16)
+    m = det.match(images)
+    assert torch.equal(m.guidance, guidance_maps(m.tokens, m.retrieval.proto, m.grid))
+    assert torch.equal(m.guidance[:, : det.db.dim].flatten(2).transpose(1, 2), m.tokens)

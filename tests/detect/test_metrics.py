@@ -326,3 +326,25 @@ def test_other_validation():
         metrics.evaluate_per_class(ok["scores"], ok["labels"], ["a", "mean"])
     with pytest.raises(TypeError, match=r"classes must be a sequence of 2 class names .* got str"):
         metrics.evaluate_per_class(ok["scores"], ok["labels"], "ab")
+
+
+def test_per_class_metrics_of_a_class_without_normal_images_are_nan_with_a_warning():
+    """A class without test/good once printed I-AP 100 beside I-AUROC NaN: all undefined now."""
+    scores = np.array([0.1, 0.8, 0.3, 0.4, 0.9])
+    labels = np.array([0, 1, 1, 1, 1])
+    maps = np.random.default_rng(0).random((5, 4, 4)).astype(np.float32)
+    masks = np.zeros((5, 4, 4), bool)
+    masks[1:, :2] = True
+    masks[4] = True  # class b's last image is defect everywhere; with the others, b still has normal pixels
+    with pytest.warns(RuntimeWarning, match="class 'b' has no normal test image: its image metrics are undefined"):
+        rows = metrics.evaluate_per_class(scores, labels, ["a", "a", "b", "b", "b"], maps, masks)
+    assert all(math.isnan(rows["b"][k]) for k in metrics.IMAGE_METRICS)
+    assert all(math.isnan(rows["mean"][k]) for k in metrics.IMAGE_METRICS)
+    assert rows["a"]["I-AUROC"] == 1.0 and not math.isnan(rows["b"]["P-AUROC"])
+    only_defect = np.ones((5, 4, 4), bool)
+    with pytest.warns(RuntimeWarning, match="class '[ab]' has no normal pixel in its masks") as caught:
+        rows = metrics.evaluate_per_class(
+            scores, np.array([0, 1, 0, 1, 1]), ["a", "a", "b", "b", "b"], maps, only_defect
+        )
+    assert all(math.isnan(rows[c][k]) for c in "ab" for k in metrics.PIXEL_METRICS)
+    assert len(caught) == 2
