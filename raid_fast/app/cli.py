@@ -1,4 +1,10 @@
-"""Command-line interface: ``raid-fast <subcommand>``."""
+"""Command-line interface: ``raid-fast <subcommand>``.
+
+A failure prints one line to stderr (``raid-fast <command>: error: <what, which file or argument,
+what to do>``) and exits with 2 for a usage error (a bad argument, input file or output path) or 1
+for anything else; ``--debug`` shows the traceback instead. Output paths are checked before any
+compute.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,12 @@ import json
 import logging
 import platform
 import sys
+import traceback
+import warnings
 from collections.abc import Sequence
+
+# errors that mean "the invocation is wrong": bad arguments, input files or output paths
+USAGE_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError)
 
 
 def environment() -> dict:
@@ -55,8 +66,10 @@ def _cmd_env(args: argparse.Namespace) -> int:
 
 
 def _cmd_build_db(args: argparse.Namespace) -> int:
+    from raid_fast import _fileio
     from raid_fast.app.pipelines import build_database
 
+    _fileio.check_output_file(args.out, "--out")
     db = build_database(
         args.data,
         args.out,
@@ -78,11 +91,27 @@ def _cmd_build_db(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from raid_fast import _fileio
     from raid_fast.app.pipelines import detector_from_database, evaluate_dataset
     from raid_fast.app.reports import format_table, write_results
 
+    if args.out:
+        _fileio.check_output_file(args.out, "--out")
     det, db = detector_from_database(args.db, args.device, args.filter, k=args.k, nprobe=args.nprobe, mode=args.mode)
-    results = evaluate_dataset(det, args.data, db.params["image_size"], batch_size=args.batch_size)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        results = evaluate_dataset(
+            det,
+            args.data,
+            db.params["image_size"],
+            batch_size=args.batch_size,
+            route_unknown=args.route_unknown_classes,
+        )
+    for w in caught:
+        if issubclass(w.category, RuntimeWarning):
+            print(f"warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     print(format_table(results))
     if args.out:
         write_results(results, args.out)
@@ -91,10 +120,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from raid_fast import _fileio
     from raid_fast.app.pipelines import foreground_modes, train_filter
     from raid_fast.database import TokenDatabase
     from raid_fast.detect.training import TrainConfig
 
+    _fileio.check_output_folder(args.out, "--out")
     foreground = None
     if args.foreground:
         foreground = foreground_modes(TokenDatabase.load(args.db), args.foreground)
@@ -113,7 +144,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         texture_dir=args.texture_dir,
         foreground=foreground,
     )
-    _, history = train_filter(args.data, args.db, config, resume=args.resume, progress=True, device=args.device)
+    _, history = train_filter(
+        args.data, args.db, config, resume=args.resume, progress=True, device=args.device, overwrite=args.overwrite
+    )
     for rec in history["epochs"]:
         val = f"  val loss {rec['val_loss']:.4f}  val P-AUROC {rec['val_p_auroc']:.4f}" if "val_loss" in rec else ""
         print(f"epoch {rec['epoch']:3d}  train loss {rec['train_loss']:.4f}{val}")
@@ -139,20 +172,42 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    import torch
+    from pathlib import Path
 
-    from raid_fast.app.figures import write_overlays
-    from raid_fast.app.pipelines import detector_from_database
-    from raid_fast.data import load_image
+    from raid_fast import _fileio
+    from raid_fast.app.pipelines import database_class_names, detector_from_database, predict_files, resolve_class
 
+    missing = [p for p in args.images if not Path(p).is_file()]
+    if missing:
+        msg = f"image files not found: {missing[:5]}"
+        raise FileNotFoundError(msg)
+    _fileio.check_output_folder(args.out, "--out")
     det, db = detector_from_database(args.db, args.device, args.filter, k=args.k, nprobe=args.nprobe, mode=args.mode)
-    size = db.params["image_size"]
-    images = torch.stack([load_image(p, (size, size)) for p in args.images])
-    out = det.predict(images)
-    for path, score in zip(args.images, out.score.tolist()):
-        print(f"{score:10.4f}  {path}")
-    paths = write_overlays(images, out.pixel_map, out.score, args.out, [str(p) for p in args.images])
-    print(f"wrote {len(paths)} overlays to {args.out}")
+    class_id = None if args.class_name is None else resolve_class(db, args.class_name)
+    names = database_class_names(db)
+
+    def show(paths, scores, class_ids):
+        for path, score, c in zip(paths, scores.tolist(), class_ids.tolist()):
+            print(f"{score:10.4f}  {names[c] or f'class {c}'}  {path}")
+
+    predict_files(
+        det,
+        args.images,
+        db.params["image_size"],
+        args.out,
+        batch_size=args.batch_size,
+        class_id=class_id,
+        on_batch=show,
+    )
+    print(f"wrote {len(args.images)} overlays to {args.out}")
+    return 0
+
+
+def _cmd_convert_checkpoint(args: argparse.Namespace) -> int:
+    from raid_fast.detect.checkpoints import convert_legacy_checkpoint
+
+    ckpt = convert_legacy_checkpoint(args.old, args.new)
+    print(f"converted {args.old} (epoch {ckpt['epoch']}) -> {args.new}")
     return 0
 
 
@@ -173,12 +228,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="raid-fast", description="raid_fast: fast retrieval-augmented anomaly detection"
     )
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    # --debug after the subcommand too; SUPPRESS keeps a main-parser --debug from being reset
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    env = sub.add_parser("env", help="versions, build flags and which backend serves each op")
+
+    def command(name: str, **kw) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], **kw)
+
+    env = command("env", help="versions, build flags and which backend serves each op")
     env.add_argument("--json", action="store_true", help="print as JSON")
     env.set_defaults(func=_cmd_env)
 
-    bdb = sub.add_parser("build-db", help="build a token database from the train/good images of MVTec-layout folders")
+    bdb = command("build-db", help="build a token database from the train/good images of MVTec-layout folders")
     bdb.add_argument("--data", nargs="+", required=True, help="dataset root(s) in MVTec layout")
     bdb.add_argument("--out", required=True, help="database file to write (.safetensors)")
     bdb.add_argument("--backbone", default="efficientnet_lite0", help="efficientnet_lite0 (offline) or dinov2_vits14")
@@ -198,14 +263,20 @@ def build_parser() -> argparse.ArgumentParser:
     bdb.add_argument("--device", default="cpu")
     bdb.set_defaults(func=_cmd_build_db)
 
-    ev = sub.add_parser("eval", help="per-class metrics on the test split(s)")
+    ev = command("eval", help="per-class metrics on the test split(s)")
     ev.add_argument("--data", nargs="+", required=True, help="dataset root(s) in MVTec layout")
     ev.add_argument("--out", default=None, help="write metrics to .json or .csv")
     ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument(
+        "--route-unknown-classes",
+        action="store_true",
+        help="evaluate test classes the database has no templates of, routing their images by CLS token "
+        "(label-free) to the nearest database class; without it such classes are refused",
+    )
     _add_detector_args(ev)
     ev.set_defaults(func=_cmd_eval)
 
-    tr = sub.add_parser("train", help="train the guided MoE filter on synthetic anomalies of the train images")
+    tr = command("train", help="train the guided MoE filter on synthetic anomalies of the train images")
     tr.add_argument("--data", nargs="+", required=True, help="dataset root(s) in MVTec layout (as for build-db)")
     tr.add_argument("--db", required=True, help="database file written by build-db")
     tr.add_argument("--out", required=True, help="run folder: last.pt every epoch, best.pt on held-out improvement")
@@ -226,11 +297,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
     tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    tr.add_argument("--resume", action="store_true", help="continue from OUT/last.pt (same settings, more epochs)")
+    tr.add_argument(
+        "--overwrite", action="store_true", help="start a new run in OUT, deleting its last.pt and best.pt (only those)"
+    )
     tr.add_argument("--device", default="cpu")
     tr.set_defaults(func=_cmd_train)
 
-    de = sub.add_parser("demo", help="the whole pipeline on the embedded dataset (minutes on a CPU)")
+    de = command("demo", help="the whole pipeline on the embedded dataset (minutes on a CPU)")
     de.add_argument("--out", default="raid_fast_demo", help="folder for the data, database, checkpoints and PNGs")
     de.add_argument("--epochs", type=int, default=20)
     de.add_argument("--image-size", type=int, default=256)
@@ -241,19 +315,49 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--device", default="cpu")
     de.set_defaults(func=_cmd_demo)
 
-    pr = sub.add_parser("predict", help="anomaly scores and PNG overlays for images")
+    pr = command("predict", help="anomaly scores and PNG overlays for images")
     pr.add_argument("images", nargs="+", help="image files")
     pr.add_argument("--out", required=True, help="folder for the overlay PNGs")
+    pr.add_argument("--batch-size", type=int, default=8, help="images read and scored at a time")
+    pr.add_argument(
+        "--class",
+        dest="class_name",
+        metavar="CLASS",
+        default=None,
+        help="database class of every image (labelled databases); default: route each image by its CLS token",
+    )
     _add_detector_args(pr)
     pr.set_defaults(func=_cmd_predict)
+
+    cv = command(
+        "convert-checkpoint",
+        help="convert an old-format (pickled) filter checkpoint whose origin you trust into the current format",
+    )
+    cv.add_argument("old", help="old-format checkpoint (read with torch's restricted weights_only unpickler)")
+    cv.add_argument("new", help="file to write in the current format")
+    cv.set_defaults(func=_cmd_convert_checkpoint)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Runs one subcommand; returns the exit status (0, 1 or 2; see the module docstring)."""
     args = build_parser().parse_args(argv)
     if args.command in ("train", "demo", "build-db", "eval"):
         _log_progress()
-    return args.func(args)
+    debug = getattr(args, "debug", False)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(f"raid-fast {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if debug:
+            traceback.print_exc()
+        usage = isinstance(exc, USAGE_ERRORS)
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        hint = "" if usage or debug else " (--debug shows the traceback)"
+        print(f"raid-fast {args.command}: error: {text}{hint}", file=sys.stderr)
+        return 2 if usage else 1
 
 
 def _log_progress() -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from raid_fast import _checks
+from raid_fast import _checks, _fileio
 from raid_fast.app.pipelines import (
     build_database,
     dataset_metrics,
@@ -38,6 +38,27 @@ logger = logging.getLogger("raid_fast")
 
 RETRIEVAL_ONLY = "retrieval only"
 WITH_FILTER = "+ MoE filter"
+
+
+MARKER = ".raid_fast_demo"  # written into the folder a demo owns
+
+
+def claim_folder(out_dir: os.PathLike) -> Path:
+    """Makes ``out_dir`` the demo's folder, or refuses: it must be new, empty, or one an earlier demo
+    claimed (it holds :data:`MARKER`), since a demo replaces what it wrote there before."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        msg = f"--out must be a folder, got the file {str(out)!r}"
+        raise NotADirectoryError(msg)
+    if out.is_dir() and not (out / MARKER).is_file() and any(out.iterdir()):
+        msg = (
+            f"--out {str(out)!r} holds files the demo did not write; the demo replaces its own outputs, so "
+            "give it a new or empty folder"
+        )
+        raise FileExistsError(msg)
+    _fileio.check_output_folder(out, "--out")
+    (out / MARKER).write_text(json.dumps({"written_by": "raid-fast demo"}))
+    return out
 
 
 def _pick_examples(dataset, per_class: int) -> list[int]:
@@ -91,8 +112,7 @@ def run_demo(
 
     epochs = _checks.check_int("epochs", epochs, 1)
     examples_per_class = _checks.check_int("examples_per_class", examples_per_class, 1)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim_folder(out_dir)
     timings: dict[str, float] = {}
     start = time.perf_counter()
 
@@ -130,7 +150,8 @@ def run_demo(
         out_dir=str(out / "run"),
         log_every=10**9,
     )
-    _, history = train_filter([root], db_path, config, progress=progress, device=device)
+    # the run folder is the demo's own (claim_folder): a rerun replaces its checkpoints
+    _, history = train_filter([root], db_path, config, progress=progress, device=device, overwrite=True)
     best = out / "run" / ("best.pt" if history["best_epoch"] is not None else "last.pt")
     echo(
         f"trained {epochs} epochs ({history['epochs'][-1]['step']} steps); final train loss "
@@ -196,9 +217,7 @@ def run_demo(
         },
         "files": {"overlays": files, "overview": str(overview_path), "checkpoint": str(best), "database": str(db_path)},
     }
-    tmp = out / f".report.json.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, out / "report.json")
+    _fileio.atomic_write(out / "report.json", lambda tmp: tmp.write_text(json.dumps(report, indent=2)), fsync=False)
     echo("")
     echo(table)
     echo(f"\ntotal {total:.1f} s; panels in {out / 'overlays'}, overview {overview_path}, report {out / 'report.json'}")

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from raid_fast import _fileio
+
 
 def heat_colors(values: np.ndarray) -> np.ndarray:
     """[H, W] in [0, 1] -> [H, W, 3] uint8 (a blue-to-red ramp, readable without matplotlib)."""
@@ -29,14 +31,21 @@ def write_overlays(
     out_dir: os.PathLike,
     names: Sequence[str],
     vmax: float | None = None,
+    vmin: float | None = None,
+    taken: set[str] | None = None,
 ) -> list[Path]:
-    """PNG of each image beside its anomaly map blended over it; maps share one colour scale."""
-    from PIL import Image
+    """PNG of each image beside its anomaly map blended over it; maps share one colour scale
+    ``[vmin, vmax]`` (default: the range of ``maps``).
 
+    Files are named ``<parent>_<stem>_score<score>.png``; a name already in ``taken`` (the names
+    written so far, updated here; pass one set across batches) gets a ``_2``, ``_3``, ... suffix,
+    so that two inputs never overwrite each other's overlay.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    lo = float(maps.min())
+    lo = float(maps.min()) if vmin is None else vmin
     hi = float(maps.max()) if vmax is None else vmax
+    taken = set() if taken is None else taken
     paths = []
     for img, m, s, name in zip(images, maps, scores, names):
         rgb = (img.permute(1, 2, 0).clamp(0, 1).cpu().numpy() * 255).astype(np.uint8)
@@ -44,9 +53,13 @@ def write_overlays(
         blend = (0.55 * rgb + 0.45 * heat).astype(np.uint8)
         panel = np.concatenate([rgb, blend], axis=1)
         # the parent folder keeps 'bad/000.png' and 'good/000.png' apart
-        path = out / f"{Path(name).parent.name}_{Path(name).stem}_score{float(s):.3f}.png"
-        Image.fromarray(panel).save(path)
-        paths.append(path)
+        base = f"{Path(name).parent.name}_{Path(name).stem}_score{float(s):.3f}"
+        stem, n = base, 1
+        while stem in taken:
+            n += 1
+            stem = f"{base}_{n}"
+        taken.add(stem)
+        paths.append(write_png(panel, out / f"{stem}.png"))
     return paths
 
 
@@ -84,12 +97,9 @@ def comparison_row(
 
 
 def write_png(array: np.ndarray, path: os.PathLike) -> Path:
-    """Writes [H, W, 3] uint8 as PNG atomically (temporary file, then rename); returns the path."""
+    """Writes [H, W, 3] uint8 as PNG atomically (unique temporary file, then rename); returns the path."""
     from PIL import Image
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    Image.fromarray(array).save(tmp)
-    os.replace(tmp, path)
-    return path
+    return _fileio.atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"), fsync=False)

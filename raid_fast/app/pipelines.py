@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from raid_fast import _checks
 from raid_fast.data import load_datasets, select_templates
 from raid_fast.database import TokenDatabase
 from raid_fast.detect.backbones import load_backbone
@@ -188,11 +188,13 @@ def train_filter(
     resume: bool = False,
     progress: bool = True,
     device: str = "cpu",
+    overwrite: bool = False,
 ):
     """Trains the guided MoE filter on the train split(s) with the database at ``db_path``.
 
     ``config`` is a :class:`raid_fast.TrainConfig`; its image size is set to the database's and its
-    ``out_dir`` receives ``last.pt`` / ``best.pt``. Returns ``(filter, history)``.
+    ``out_dir`` receives ``last.pt`` / ``best.pt`` (``overwrite``: replace another run's, see
+    :func:`raid_fast.train`). Returns ``(filter, history)``.
     """
     db = TokenDatabase.load(db_path, device=device)
     p = _recorded_params(db, db_path)
@@ -204,7 +206,7 @@ def train_filter(
     images, image_ids, class_ids = training_set(roots, db, bb, progress=progress)
     config.image_size = p["image_size"]
     config.device = device
-    return train(config, bb, db, images, image_ids, class_ids, resume=resume, progress=progress)
+    return train(config, bb, db, images, image_ids, class_ids, resume=resume, progress=progress, overwrite=overwrite)
 
 
 def _recorded_params(db: TokenDatabase, db_path: os.PathLike) -> dict:
@@ -215,17 +217,13 @@ def _recorded_params(db: TokenDatabase, db_path: os.PathLike) -> dict:
 
 
 def load_filter(path: os.PathLike, device: str = "cpu"):
-    """``(GuidedMoEFilter, training config dict)`` from a checkpoint written by training."""
-    path = Path(path)
-    if not path.is_file():
-        msg = f"filter checkpoint not found: {str(path)!r}"
-        raise FileNotFoundError(msg)
-    try:
-        filter, ckpt = load_checkpoint(path, map_location=device)
-    except (KeyError, TypeError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
-        msg = f"{str(path)!r} is not a filter checkpoint written by `raid-fast train` ({type(exc).__name__}: {exc})"
-        raise ValueError(msg) from exc
-    return filter.to(device).eval(), ckpt.get("config", {})
+    """``(GuidedMoEFilter, training config dict)`` from a checkpoint written by training.
+
+    The file is read as data (see :mod:`raid_fast.detect.checkpoints`): an old-format (pickled),
+    damaged or foreign file raises ``ValueError`` naming it, and nothing in it is executed.
+    """
+    filter, ckpt = load_checkpoint(Path(path), map_location=device)
+    return filter.to(device).eval(), ckpt["config"]
 
 
 def detector_from_database(
@@ -256,8 +254,11 @@ def detector_from_database(
             raise ValueError(msg)
         k = filter.k
     k = k if k is not None else 150
-    nprobe = nprobe if nprobe is not None else cfg.get("nprobe", 5)
-    mode = mode if mode is not None else cfg.get("mode", "hierarchical")
+    if nprobe is None:
+        nprobe = _checks.check_int("the checkpoint's config['nprobe']", cfg.get("nprobe", 5), 1)
+    if mode is None:
+        mode = cfg.get("mode", "hierarchical")
+        _checks.check_choice("the checkpoint's config['mode']", mode, ("hierarchical", "flat"))
     return Detector(bb, db, filter=filter, k=k, nprobe=nprobe, mode=mode, **kwargs), db
 
 
@@ -300,7 +301,88 @@ def evaluate_dataset(
     image_size: int,
     batch_size: int = 8,
     progress: bool = True,
+    route_unknown: bool = False,
 ) -> dict[str, dict[str, float]]:
-    """Per-class metrics (and their mean) of a detector on the test split(s)."""
+    """Per-class metrics (and their mean) of a detector on the test split(s); a test class the
+    database has no templates of is refused unless ``route_unknown`` (see :func:`check_known_classes`)."""
     test = load_datasets(list(roots), split="test", image_size=image_size)
+    check_known_classes(test, detector.db, route_unknown)
     return dataset_metrics(test, *predict_dataset(detector, test, batch_size, progress, desc="eval"))
+
+
+def check_known_classes(dataset, db: TokenDatabase, route_unknown: bool = False) -> list[str]:
+    """The classes of ``dataset`` that ``db`` holds no templates of (by the class names it records).
+
+    Such images would be scored against the templates of whichever class their CLS token is
+    nearest, which measures nothing about their own class: refused (``ValueError``) unless
+    ``route_unknown`` asks for exactly that label-free routing (then a warning names them).
+    """
+    known = db.params.get("class_names")
+    if known is None:
+        return []
+    unknown = [c for c in dataset.classes if c not in set(known)]
+    if unknown and not route_unknown:
+        msg = (
+            f"the database has no templates of the test classes {unknown} (its classes: {known}); their images "
+            "would be scored against another class's templates. Evaluate the classes it was built from, rebuild "
+            "it with these classes, or pass --route-unknown-classes to route them by their CLS token on purpose"
+        )
+        raise ValueError(msg)
+    if unknown:
+        logger.warning("raid_fast: classes %s are not in the database; routed by their CLS token", unknown)
+    return unknown
+
+
+def resolve_class(db: TokenDatabase, name: str) -> int:
+    """The database class id of a dataset class name (labelled databases only)."""
+    names = database_class_names(db)
+    if names[0] is None:
+        msg = f"--class needs a database built with labels; this one is label-free (classes: {db.params.get('class_names')})"
+        raise ValueError(msg)
+    if name not in names:
+        msg = f"--class must be a class of the database {names}, got {name!r}"
+        raise ValueError(msg)
+    return names.index(name)
+
+
+def predict_files(
+    detector: Detector,
+    paths: Sequence[os.PathLike],
+    image_size: int,
+    out_dir: os.PathLike | None = None,
+    batch_size: int = 8,
+    class_id: int | None = None,
+    on_batch=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores ``[N]`` and routed class ids ``[N]`` of image files, streamed in batches.
+
+    Only one batch of images is in memory at a time. With ``out_dir``, an overlay PNG per image is
+    written on one colour scale over all images (a second pass re-reads each batch and re-upsamples
+    its token-grid score map, which is cheap beside the backbone). ``class_id`` fixes the database
+    class of every image instead of routing by CLS; ``on_batch(paths, scores, class_ids)`` is
+    called after each batch of the first pass.
+    """
+    from raid_fast.app.figures import write_overlays
+    from raid_fast.data import load_image
+
+    paths = [str(p) for p in paths]
+    size = (image_size, image_size)
+    scores, classes, score_maps = [], [], []
+    lo, hi = float("inf"), float("-inf")
+    for chunk in _batches(paths, batch_size):
+        images = torch.stack([load_image(p, size) for p in chunk])
+        ids = None if class_id is None else torch.full((len(chunk),), class_id, dtype=torch.int64)
+        out = detector.predict(images, class_ids=ids)
+        scores.append(out.score.cpu())
+        classes.append(out.class_ids.cpu())
+        score_maps.append(out.score_map)
+        lo, hi = min(lo, float(out.pixel_map.min())), max(hi, float(out.pixel_map.max()))
+        if on_batch is not None:
+            on_batch(chunk, scores[-1], classes[-1])
+    if out_dir is not None:
+        taken: set[str] = set()
+        for chunk, smap, sc in zip(_batches(paths, batch_size), score_maps, scores):
+            images = torch.stack([load_image(p, size) for p in chunk])
+            maps = detector.maps(smap, size)
+            write_overlays(images, maps, sc, out_dir, chunk, vmax=hi, vmin=lo, taken=taken)
+    return torch.cat(scores), torch.cat(classes)

@@ -7,6 +7,8 @@ import json
 import os
 from pathlib import Path
 
+from raid_fast import _fileio
+
 
 def format_table(results: dict[str, dict[str, float]]) -> str:
     """Metrics as an aligned text table, one row per class, in percent."""
@@ -33,18 +35,19 @@ def format_comparison(results: dict[str, dict[str, dict[str, float]]]) -> str:
 
 
 def write_results(results: dict[str, dict[str, float]], path: os.PathLike) -> None:
-    """Writes metrics as JSON (``.json``) or CSV (anything else), atomically (temporary file, then
-    rename), so that an interrupted run never leaves half a results file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    if path.suffix == ".json":
-        tmp.write_text(json.dumps(results, indent=2))
-    else:
+    """Writes metrics as JSON (``.json``) or CSV (anything else), atomically (a unique temporary
+    file, then rename), so that an interrupted run never leaves half a results file."""
+    path = _fileio.check_output_file(path, "results path")
+
+    def write(tmp: Path) -> None:
+        if path.suffix == ".json":
+            tmp.write_text(json.dumps(results, indent=2))
+            return
         names = list(next(iter(results.values())).keys())
         with tmp.open("w", newline="") as fh:
             writer = csv.writer(fh)
             writer.writerow(["class", *names])
             for cls, row in results.items():
                 writer.writerow([cls, *(f"{row[n]:.6f}" for n in names)])
-    os.replace(tmp, path)
+
+    _fileio.atomic_write(path, write, fsync=False)

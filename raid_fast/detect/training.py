@@ -10,6 +10,11 @@ image clean plus one synthetic anomaly of it, fixed seed; never the test set); `
 every epoch and ``best.pt`` when the held-out metric improves. ``train(..., resume=True)`` continues
 from ``last.pt`` and gives the same weights as an uninterrupted run (deterministic CPU case).
 
+The run folder is locked while a run writes to it (a second run into it fails at once), a new run
+refuses a folder that holds another run's checkpoints unless asked to overwrite them, and
+``last.pt`` / ``best.pt`` stay consistent through an interruption at any point (see
+:mod:`raid_fast.detect.checkpoints`).
+
 Example:
     >>> cfg = TrainConfig(epochs=5, out_dir="runs/mvtec")
     >>> filter, history = train(cfg, backbone, db, images, image_ids=torch.arange(len(images)))
@@ -17,10 +22,12 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import random
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +38,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raid_fast import _checks
+from raid_fast import _checks, _fileio
 from raid_fast.database import TokenDatabase
-from raid_fast.detect.checkpoints import filter_args, rng_state, save_checkpoint, set_rng_state
+from raid_fast.detect.checkpoints import (
+    checkpoint_files,
+    filter_args,
+    read_checkpoint,
+    repair_best,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    weights_digest,
+)
 from raid_fast.detect.detector import Detector
 from raid_fast.detect.filter import GuidedMoEFilter, binary_focal_loss, total_loss
 from raid_fast.detect.metrics import auroc
@@ -46,6 +62,10 @@ VAL_METRICS = ("p_auroc", "loss")
 
 
 VAL_SEED_OFFSET = 1_000_003  # the held-out anomalies use their own fixed stream, apart from training's
+
+# settings a resumed run may change; any other difference from last.pt's config is refused, since
+# the resumed run would mix two settings (the optimizer state, for one, carries the old lr)
+RESUME_MAY_CHANGE = ("epochs", "log_every", "out_dir", "device")
 
 
 @dataclass
@@ -306,6 +326,7 @@ def train(
     resume: bool = False,
     progress: bool = True,
     evaluate_fn: Callable[..., dict] = evaluate_heldout,
+    overwrite: bool = False,
 ) -> tuple[nn.Module, dict]:
     """Trains a guided MoE filter; returns ``(filter with the last weights, history)``.
 
@@ -319,10 +340,15 @@ def train(
             own retrieval), -1 for an image that is not a template.
         class_ids: [N] database class of each image; default ``db.image_class[image_ids]``.
         filter: the filter to train; default a seeded ``GuidedMoEFilter(dim=db.dim, k=config.k)``.
-        resume: continue from ``config.out_dir/last.pt`` (its weights, optimizer, epoch, history).
+        resume: continue from ``config.out_dir/last.pt`` (its weights, optimizer, epoch, history);
+            the config must equal the saved one except in :data:`RESUME_MAY_CHANGE`. A ``best.pt``
+            left behind by an interrupted write is repaired first.
         progress: tqdm progress bar with the running loss.
         evaluate_fn: held-out evaluation (kept swappable for tests), signature of
             :func:`evaluate_heldout`.
+        overwrite: start a new run in an ``out_dir`` that holds another run's ``last.pt`` /
+            ``best.pt``, deleting those two files (nothing else); without it such a folder is
+            refused (``FileExistsError``).
 
     Returns:
         ``(filter, history)``; history holds ``"epochs"`` (per-epoch dicts: epoch, step,
@@ -333,11 +359,64 @@ def train(
         msg = f"config must be a raid_fast.TrainConfig, got {type(config).__name__}"
         raise TypeError(msg)
     images, image_ids, class_ids = _check_inputs(db, images, image_ids, class_ids, config)
-    device = torch.device(config.device) if config.device is not None else db.device
     out_dir = Path(config.out_dir) if config.out_dir is not None else None
     if resume and (out_dir is None or not (out_dir / "last.pt").is_file()):
         msg = f"resume=True needs a checkpoint at out_dir/last.pt, none at {str(out_dir)!r}"
         raise FileNotFoundError(msg)
+    if out_dir is None:
+        lock = contextlib.nullcontext()
+    else:
+        # checked before any compute: an unwritable folder fails now, not after the first epoch
+        _fileio.check_output_folder(out_dir, "config.out_dir")
+        lock = _fileio.folder_lock(out_dir, "training run")
+    with lock:
+        return _train(
+            config, backbone, db, images, image_ids, class_ids, filter, resume, progress, evaluate_fn, overwrite
+        )
+
+
+def _start_run(config: TrainConfig, out_dir: Path | None, resume: bool, overwrite: bool) -> dict | None:
+    """The checkpoint to resume from (validated, ``best.pt`` repaired), or None for a new run,
+    after clearing (``overwrite``) or refusing a folder that holds another run."""
+    if out_dir is None:
+        return None
+    if not resume:
+        existing = checkpoint_files(out_dir)
+        if existing and not overwrite:
+            names = ", ".join(p.name for p in existing)
+            msg = (
+                f"{str(out_dir)!r} holds another run ({names}); resume it (--resume), replace it (--overwrite) "
+                "or choose another folder"
+            )
+            raise FileExistsError(msg)
+        for p in existing:
+            p.unlink()
+            log.info("removed %s of the previous run (overwrite)", p)
+        return None
+    last = read_checkpoint(out_dir / "last.pt")
+    now = dataclasses.asdict(config)
+    saved = last["config"]
+    diffs = [
+        f"{key}: {saved.get(key)!r} in last.pt, {value!r} now"
+        for key, value in now.items()
+        if key not in RESUME_MAY_CHANGE and saved.get(key, value) != value
+    ]
+    if diffs:
+        msg = (
+            f"resume must continue the run in {str(out_dir)!r} with its settings; these differ: {'; '.join(diffs)}. "
+            "Start a new run (another folder, or --overwrite) to change them"
+        )
+        raise ValueError(msg)
+    done = repair_best(out_dir, last)
+    if done:
+        log.warning("raid_fast: %s: %s", out_dir, done)
+    return last
+
+
+def _train(config, backbone, db, images, image_ids, class_ids, filter, resume, progress, evaluate_fn, overwrite):  # noqa: A002
+    device = torch.device(config.device) if config.device is not None else db.device
+    out_dir = Path(config.out_dir) if config.out_dir is not None else None
+    ckpt = _start_run(config, out_dir, resume, overwrite)
 
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
@@ -376,11 +455,16 @@ def train(
 
     history: dict = {"epochs": [], "step_loss": [], "best_epoch": None, "best_metric": None}
     start_epoch, step = 0, 0
-    if resume:
-        ckpt = torch.load(out_dir / "last.pt", map_location=device, weights_only=False)
-        filter.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+    run_id, best_record = uuid.uuid4().hex, None
+    if ckpt is not None:
+        try:
+            filter.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            msg = f"{str(out_dir / 'last.pt')!r} does not fit this filter ({type(exc).__name__}: {str(exc)[:200]})"
+            raise ValueError(msg) from None
         start_epoch, step, history = ckpt["epoch"], ckpt["step"], ckpt["history"]
+        run_id, best_record = ckpt["run_id"], ckpt["best"]
         set_rng_state(ckpt["rng"])
 
     n_train = tr_idx.numel()
@@ -429,8 +513,11 @@ def train(
         )
         log.info("epoch %d/%d: train loss %.5f%s", epoch + 1, config.epochs, record["train_loss"], val_text)
         if out_dir is not None:
+            model_state = filter.state_dict()
+            if improved:
+                best_record = {"epoch": epoch + 1, "digest": weights_digest(model_state)}
             state = {
-                "model": filter.state_dict(),
+                "model": model_state,
                 "optimizer": optimizer.state_dict(),
                 "config": dataclasses.asdict(config),
                 "filter_args": filter_args(filter),
@@ -438,10 +525,15 @@ def train(
                 "step": step,
                 "history": history,
                 "rng": rng_state(),
+                "run_id": run_id,
+                "role": "last",
+                "best": best_record,
             }
+            # last.pt first: it records the best epoch, and when that is this epoch it holds the same
+            # weights, so an interruption before best.pt is written is repaired from it on resume
             save_checkpoint(out_dir / "last.pt", state)
             if improved:
-                save_checkpoint(out_dir / "best.pt", state)
+                save_checkpoint(out_dir / "best.pt", {**state, "role": "best"})
     return filter, history
 
 

@@ -245,3 +245,279 @@ def test_amp_training_on_cuda(tmp_path):
     assert all(p.dtype == torch.float32 and p.is_cuda for p in filter.parameters())
     loaded, _ = checkpoints.load_checkpoint(tmp_path / "last.pt")
     assert next(loaded.parameters()).device.type == "cpu"
+
+
+class _ZeroFilter(torch.nn.Module):
+    """A filter whose map M is zero: the held-out score is then the 1-NN cost alone."""
+
+    def __init__(self, k=6):
+        super().__init__()
+        self.k, self.dim = k, 8
+        self.weight = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, guidance, cost, dense_router=True):
+        b, _, h, w = cost.shape
+        return torch.zeros(b, h, w) + 0 * self.weight, {}
+
+
+def test_heldout_score_is_the_filter_map_plus_the_1nn_cost():
+    """S = M + C[:, 0]: with M = 0 the held-out P-AUROC is exactly that of the upsampled 1-NN cost
+    (dropping the cost would leave a constant score, AUROC 0.5), and the loss is M's focal loss."""
+    from raid_fast.detect.filter import binary_focal_loss
+    from raid_fast.detect.metrics import auroc
+
+    bb, db, images, ids = make_setup()
+    det = rf.Detector(bb, db, k=6, nprobe=2)
+    synth = AnomalySynthesizer(p_normal=0.0, seed=0)
+    bad, masks = rt.synthesize(synth, images[:4], [[0, 9, i] for i in range(4)])
+    x = torch.cat([images[:4], bad])
+    y = torch.cat([torch.zeros_like(masks), masks])
+    img_ids, cls = torch.cat([ids[:4]] * 2), torch.cat([db.image_class[:4]] * 2)
+    got = rt.evaluate_heldout(det, _ZeroFilter(), x, y, img_ids, cls, batch_size=3, dense_router=True)
+    cost = det.match(x, class_ids=cls, exclude_images=img_ids).cost[:, :1]
+    c0 = torch.nn.functional.interpolate(cost, size=(32, 32), mode="bilinear", align_corners=True)[:, 0]
+    expected = auroc(c0, y > 0.5)
+    assert abs(expected - 0.5) > 0.05  # the cost carries signal: a test that can tell
+    assert got["p_auroc"] == pytest.approx(expected, abs=1e-12)
+    assert got["loss"] == pytest.approx(float(binary_focal_loss(torch.zeros_like(y), y)), rel=1e-6)
+
+
+def test_a_locked_run_folder_is_refused_at_once(tmp_path):
+    from raid_fast import _fileio
+
+    bb, db, images, ids = make_setup()
+    calls = []
+
+    def spy(x):
+        calls.append(x.shape[0])
+        return bb(x)
+
+    with _fileio.folder_lock(tmp_path, "training run"):  # another run holds the folder
+        with pytest.raises(_fileio.LockedError, match=r"is in use by another training run \(pid \d+"):
+            rt.train(cfg(tmp_path, epochs=1), spy, db, images, ids, filter=small_filter(), progress=False)
+    assert calls == [] and not (tmp_path / "last.pt").exists()
+    rt.train(cfg(tmp_path, epochs=1), spy, db, images, ids, filter=small_filter(), progress=False)
+    assert (tmp_path / "last.pt").is_file()  # the lock died with its holder
+
+
+def test_a_folder_of_another_run_is_refused_or_overwritten(tmp_path):
+    bb, db, images, ids = make_setup()
+    rt.train(cfg(tmp_path, epochs=1), bb, db, images, ids, filter=small_filter(), progress=False)
+    assert (tmp_path / "best.pt").is_file()
+    old = checkpoints.read_checkpoint(tmp_path / "last.pt")["run_id"]
+    with pytest.raises(FileExistsError, match=r"holds another run \(last.pt, best.pt\); resume it .* \(--overwrite\)"):
+        rt.train(cfg(tmp_path, epochs=1), bb, db, images, ids, filter=small_filter(), progress=False)
+    # a new run without a held-out split writes no best.pt: the old one must not stay beside it
+    rt.train(
+        cfg(tmp_path, epochs=1, val_fraction=0.0),
+        bb,
+        db,
+        images,
+        ids,
+        filter=small_filter(),
+        overwrite=True,
+        progress=False,
+    )
+    assert not (tmp_path / "best.pt").exists()
+    assert checkpoints.read_checkpoint(tmp_path / "last.pt")["run_id"] != old
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    bb, db, images, ids = make_setup()
+    rt.train(cfg(tmp_path, epochs=1), bb, db, images, ids, filter=small_filter(), progress=False)
+    with pytest.raises(ValueError, match=r"these differ: lr: 0.001 in last.pt, 0.01 now"):
+        rt.train(
+            cfg(tmp_path, epochs=2, lr=1e-2), bb, db, images, ids, filter=small_filter(), resume=True, progress=False
+        )
+    with pytest.raises(ValueError, match=r"batch_size: 4 in last.pt, 2 now"):
+        rt.train(
+            cfg(tmp_path, epochs=2, batch_size=2),
+            bb,
+            db,
+            images,
+            ids,
+            filter=small_filter(),
+            resume=True,
+            progress=False,
+        )
+    # more epochs is what resume is for
+    _, hist = rt.train(cfg(tmp_path, epochs=2), bb, db, images, ids, filter=small_filter(), resume=True, progress=False)
+    assert [e["epoch"] for e in hist["epochs"]] == [1, 2]
+
+
+def test_an_unwritable_run_folder_fails_before_any_compute(tmp_path):
+    bb, db, images, ids = make_setup()
+    calls = []
+
+    def spy(x):
+        calls.append(1)
+        return bb(x)
+
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the run folder's parent should be")
+    with pytest.raises(NotADirectoryError, match="config.out_dir"):
+        rt.train(cfg(blocker / "run", epochs=1), spy, db, images, ids, filter=small_filter(), progress=False)
+    assert calls == []
+
+
+def _scripted_eval(metrics, state):
+    def fake_eval(det, filter, imgs, masks, img_ids, cls, batch_size, dense_router, amp):
+        state["epoch"] += 1
+        return {"p_auroc": metrics[state["epoch"] - 1], "loss": 1.0}
+
+    return fake_eval
+
+
+class _Killed(BaseException):
+    """Stands for a SIGKILL: nothing after it runs (not even an ``except Exception``)."""
+
+
+SCRIPTED = [0.6, 0.9]  # both epochs improve: writes last, best, last, best
+
+
+@pytest.fixture(scope="module")
+def scripted_best(tmp_path_factory):
+    """Weights digest of best.pt of an uninterrupted run with the scripted held-out metric."""
+    bb, db, images, ids = make_setup()
+    ref_dir = tmp_path_factory.mktemp("ref")
+    rt.train(
+        cfg(ref_dir),
+        bb,
+        db,
+        images,
+        ids,
+        filter=small_filter(),
+        progress=False,
+        evaluate_fn=_scripted_eval(SCRIPTED, {"epoch": 0}),
+    )
+    return checkpoints.weights_digest(checkpoints.read_checkpoint(ref_dir / "best.pt")["model"])
+
+
+WRITES = ["e1 last.pt", "e1 best.pt", "e2 last.pt", "e2 best.pt"]
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+@pytest.mark.parametrize("write", range(len(WRITES)), ids=WRITES)
+def test_an_interruption_at_any_checkpoint_write_leaves_a_consistent_pair(
+    tmp_path, monkeypatch, write, when, scripted_best
+):
+    """Interrupted before or after each file write, then resumed: best.pt is the epoch last.pt names,
+    with the weights of the uninterrupted run's best epoch; until the resume repairs it, a stale
+    best.pt is refused, never silently used."""
+    bb, db, images, ids = make_setup()
+    metrics = SCRIPTED
+
+    run = tmp_path / "run"
+    real = rt.save_checkpoint
+    count = {"n": 0}
+
+    def killing_save(path, state):
+        n = count["n"]
+        count["n"] += 1
+        if n == write and when == "before":
+            raise _Killed
+        real(path, state)
+        if n == write:
+            raise _Killed
+
+    monkeypatch.setattr(rt, "save_checkpoint", killing_save)
+    with pytest.raises(_Killed):
+        rt.train(
+            cfg(run),
+            bb,
+            db,
+            images,
+            ids,
+            filter=small_filter(),
+            progress=False,
+            evaluate_fn=_scripted_eval(metrics, {"epoch": 0}),
+        )
+    monkeypatch.setattr(rt, "save_checkpoint", real)
+
+    if (run / "last.pt").is_file():
+        last = checkpoints.read_checkpoint(run / "last.pt")
+        if (
+            (run / "best.pt").is_file()
+            and last["best"] is not None
+            and last["best"]["epoch"] != checkpoints.read_checkpoint(run / "best.pt")["epoch"]
+        ):
+            with pytest.raises(ValueError, match="does not hold the best epoch"):
+                checkpoints.load_checkpoint(run / "best.pt")
+        state = {"epoch": last["epoch"]}
+        _, hist = rt.train(
+            cfg(run),
+            bb,
+            db,
+            images,
+            ids,
+            filter=small_filter(),
+            resume=True,
+            progress=False,
+            evaluate_fn=_scripted_eval(metrics, state),
+        )
+    else:
+        _, hist = rt.train(
+            cfg(run),
+            bb,
+            db,
+            images,
+            ids,
+            filter=small_filter(),
+            progress=False,
+            evaluate_fn=_scripted_eval(metrics, {"epoch": 0}),
+        )
+    best = checkpoints.read_checkpoint(run / "best.pt")
+    last = checkpoints.read_checkpoint(run / "last.pt")
+    assert hist["best_epoch"] == last["history"]["best_epoch"] == best["epoch"] == 2
+    assert checkpoints.weights_digest(best["model"]) == scripted_best
+    checkpoints.load_checkpoint(run / "best.pt")  # consistent: loads
+    assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
+
+
+KILL_SCRIPT = """
+import os, signal, sys
+import torch
+from tests.detect import test_training as tt
+from raid_fast.detect import training as rt
+
+bb, db, images, ids = tt.make_setup()
+real = rt.save_checkpoint
+
+def save(path, state):
+    real(path, state)
+    # SIGKILL between the two writes of epoch 2: last.pt is on disk, best.pt not yet
+    if state["epoch"] == 2 and path.name == "last.pt":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+rt.save_checkpoint = save
+rt.train(tt.cfg(sys.argv[1]), bb, db, images, ids, filter=tt.small_filter(), progress=False,
+         evaluate_fn=tt._scripted_eval([0.6, 0.9], {"epoch": 0}))
+"""
+
+
+def test_sigkill_while_best_pt_is_written_is_repaired_on_resume(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_SCRIPT, str(run)], cwd=root, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    last = checkpoints.read_checkpoint(run / "last.pt")
+    assert last["epoch"] == 2 and last["history"]["best_epoch"] == 2
+    assert checkpoints.read_checkpoint(run / "best.pt")["epoch"] == 1  # the interrupted state
+    with pytest.raises(
+        ValueError, match=r"does not hold the best epoch that .*last.pt' records \(2; it holds epoch 1\)"
+    ):
+        checkpoints.load_checkpoint(run / "best.pt")
+    bb, db, images, ids = make_setup()
+    _, hist = rt.train(cfg(run), bb, db, images, ids, filter=small_filter(), resume=True, progress=False)
+    best = checkpoints.read_checkpoint(run / "best.pt")
+    assert hist["best_epoch"] == best["epoch"] == 2
+    assert checkpoints.weights_digest(best["model"]) == checkpoints.weights_digest(last["model"])
