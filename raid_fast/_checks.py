@@ -44,14 +44,21 @@ def check_dtype(name: str, t: torch.Tensor, dtypes: Sequence[torch.dtype]) -> No
         raise TypeError(msg)
 
 
+def data_checks() -> bool:
+    """Whether checks that read tensor values run: always in eager mode; not while torch.compile or
+    torch.export trace a graph (a value read there is a data-dependent guard or a graph break), where
+    shape checks still run. Eager calls keep every error."""
+    return not torch.compiler.is_compiling()
+
+
 def check_finite(name: str, t: torch.Tensor) -> None:
-    """Raises ValueError when ``t`` holds NaN or inf.
+    """Raises ValueError when ``t`` holds NaN or inf (eager only, see :func:`data_checks`).
 
     A plain sum decides in the common case (any NaN or inf makes it non-finite, and it runs at
     memory speed where ``torch.isfinite(t).all()`` does not); only a non-finite sum, which may also
     be an overflow of large finite values, runs the element-wise count.
     """
-    if t.numel() == 0:
+    if t.numel() == 0 or not data_checks():
         return
     # this is a CPU-GPU sync point, once per call at the public boundary; the finiteness test of the
     # sum runs on the host (one launch fewer than torch.isfinite on a 0-d tensor)
@@ -95,9 +102,10 @@ def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
 def check_directions(name: str, t: torch.Tensor, row: str = "row") -> None:
     """Raises ValueError unless every row of ``t`` [R, D] is a direction that can be normalised:
     finite, not all zero (a zero vector has no direction) and small enough that its squared norm
-    fits in float32. The message names the first bad row as ``<row> <index>``.
+    fits in float32. The message names the first bad row as ``<row> <index>`` (eager only, see
+    :func:`data_checks`).
     """
-    if t.numel() == 0:
+    if t.numel() == 0 or not data_checks():
         return
     peak = t.detach().abs().amax(dim=1).float()  # [R]; NaN propagates, inf stays inf
     # this is a CPU-GPU sync point, once per call at the public boundary

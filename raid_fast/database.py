@@ -86,6 +86,18 @@ class TokenDatabase:
     image_class: torch.Tensor
     params: dict = field(default_factory=dict)
     class_purity: float | None = None
+    # derived from semantic_prototypes / n_semantic (see routing.probe_bias): 0 for the prototype slots
+    # a class uses and -inf for its empty ones [C, S], and the smallest n_semantic; computed once here
+    # so that retrieval reads them without a host sync or a copy per call
+    probe_bias: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    min_used: int | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.probe_bias is None or self.min_used is None:
+            n_sem = self.n_semantic.cpu()
+            used = torch.arange(self.semantic_prototypes.shape[1])[None, :] < n_sem[:, None]  # [C, S]
+            self.probe_bias = torch.zeros(used.shape).masked_fill_(~used, float("-inf")).to(self.device)
+            self.min_used = int(n_sem.min()) if n_sem.numel() else 0
 
     @property
     def n_classes(self) -> int:
@@ -354,12 +366,13 @@ class TokenDatabase:
         )
         for name in TENSOR_FIELDS:
             setattr(self, name, getattr(merged, name))
+        self.probe_bias, self.min_used = merged.probe_bias, merged.min_used
         return self
 
     def to(self, device) -> TokenDatabase:
         """A copy on ``device`` (``n_semantic`` stays on the CPU)."""
         moved = {name: getattr(self, name).to(device) for name in TENSOR_FIELDS if name != "n_semantic"}
-        return replace(self, **moved, params=dict(self.params))
+        return replace(self, **moved, params=dict(self.params), probe_bias=self.probe_bias.to(device))
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes a safetensors file (see :mod:`raid_fast.database_io`): format version, build

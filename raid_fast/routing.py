@@ -25,22 +25,8 @@ if TYPE_CHECKING:
 def probe_bias(db: TokenDatabase) -> tuple[torch.Tensor, int]:
     """``(bias [C, S] float32 on the database's device, min_used)``: 0 for the prototype slots a
     class uses and -inf for its empty ones (added to prototype scores, it keeps them out of the
-    top-P), and the smallest ``n_semantic``. Cached on the database, keyed by the storage and version
-    of the tensors it derives from: retrieval needs it on every call, and building it per call would
-    cost a host-to-device copy and a few launches."""
-    key = (
-        db.semantic_prototypes.data_ptr(),
-        db.semantic_prototypes.device,
-        db.n_semantic.data_ptr(),
-        db.n_semantic._version,
-    )
-    cached = db.__dict__.get("_probe_bias")
-    if cached is None or cached[0] != key:
-        used = torch.arange(db.s_max)[None, :] < db.n_semantic.cpu()[:, None]  # [C, S]
-        bias = torch.zeros(used.shape).masked_fill_(~used, float("-inf")).to(db.device)
-        cached = (key, bias, int(db.n_semantic.min()) if db.n_classes else 0)
-        db.__dict__["_probe_bias"] = cached
-    return cached[1], cached[2]
+    top-P), and the smallest ``n_semantic``; derived once when the database is made."""
+    return db.probe_bias, db.min_used
 
 
 def check_query_cls(db: TokenDatabase, query_cls, b: int) -> torch.Tensor:
@@ -70,8 +56,8 @@ def check_class_ids(db: TokenDatabase, class_ids, b: int) -> torch.Tensor:
         msg = f"class_ids must be [{b}] integers (one per image), got {tuple(ids.shape)} {ids.dtype}"
         raise ValueError(msg)
     ids = ids.to(device=db.device, dtype=torch.int64)
-    # one host sync for both bounds
-    lo_hi = torch.stack(torch.aminmax(ids)).tolist() if b else [0, 0]
+    # one host sync for both bounds, eager only
+    lo_hi = torch.stack(torch.aminmax(ids)).tolist() if b and _checks.data_checks() else [0, 0]
     if b and (lo_hi[0] < 0 or lo_hi[1] >= db.n_classes):
         msg = f"class_ids must be in [0, {db.n_classes}), got {ids.tolist()[:8]}"
         raise ValueError(msg)

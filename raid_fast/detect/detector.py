@@ -11,21 +11,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cached_property
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from raid_fast import _checks
 from raid_fast.database import TokenDatabase
+from raid_fast.database_module import DatabaseModule
 from raid_fast.detect.anomaly_map import AnomalyMapGenerator, top_percent_mean
 from raid_fast.retrieval import Retrieval, retrieve
 
 
-@dataclass
-class Prediction:
-    """Output of ``Detector.predict``.
+class Prediction(NamedTuple):
+    """Output of ``Detector.predict`` (and of the module call ``detector(images)``); a named tuple,
+    so that compiled and exported detectors return it too.
 
     Attributes:
         pixel_map: [B, H, W] float32 anomaly map at the input size.
@@ -56,9 +56,10 @@ class Matching:
     retrieval: Retrieval
     cost: torch.Tensor
 
-    @cached_property
+    @property
     def guidance(self) -> torch.Tensor:
-        """G0 [B, 2D, h, w]: query tokens and their top-1 semantic prototypes (see :func:`guidance_maps`)."""
+        """G0 [B, 2D, h, w]: query tokens and their top-1 semantic prototypes (see :func:`guidance_maps`);
+        built on each access."""
         return guidance_maps(self.tokens, self.retrieval.proto, self.grid)
 
 
@@ -111,12 +112,18 @@ class Detector(nn.Module):
             msg = f"k must equal the filter's cost-volume depth {filter_k}, got k={k}"
             raise ValueError(msg)
         self.backbone = backbone
-        self.db = db
+        # the database as buffers: in the state_dict, moved by .to(), inside exported programs
+        self.database = DatabaseModule(db)
         self.filter = filter
         self.k, self.nprobe, self.mode = k, nprobe, mode
         self.pad_cost = float(pad_cost)
         self.backend = backend
         self.maps = AnomalyMapGenerator(sigma)
+
+    @property
+    def db(self) -> TokenDatabase:
+        """The token database (a view of ``self.database``'s buffers)."""
+        return self.database.db
 
     def match(self, images, class_ids=None, exclude_images=None) -> Matching:
         """Backbone tokens, retrieval and cost volume of a batch (what the filter reads).
@@ -151,22 +158,27 @@ class Detector(nn.Module):
             score = score + m
         return score, matching
 
-    @torch.no_grad()
-    def predict(self, images, class_ids=None) -> Prediction:
-        """Anomaly maps and scores of a batch of images [B, 3, H, W] in [0, 1] (deterministic)."""
+    def forward(self, images, class_ids=None) -> Prediction:
+        """Anomaly maps and scores of images [B, 3, H, W] in [0, 1], in the modules' current mode;
+        what ``torch.compile`` and ``torch.export`` trace (``predict`` is the eval-mode, no-grad call)."""
         images = _checks.as_tensor("images", images)
-        was_training = self.filter.training if self.filter is not None else False
-        if self.filter is not None:
-            self.filter.eval()
-        try:
-            score_map, matching = self.score_maps(images, class_ids)
-        finally:
-            if self.filter is not None:
-                self.filter.train(was_training)
-        size = tuple(images.shape[-2:])
+        score_map, matching = self.score_maps(images, class_ids)
         return Prediction(
-            pixel_map=self.maps(score_map, size),
+            pixel_map=self.maps(score_map, tuple(images.shape[-2:])),
             score=top_percent_mean(score_map, 1.0),
             class_ids=matching.retrieval.class_ids,
             score_map=score_map,
         )
+
+    @torch.no_grad()
+    def predict(self, images, class_ids=None) -> Prediction:
+        """Anomaly maps and scores of a batch of images [B, 3, H, W] in [0, 1] (deterministic: the
+        filter runs in eval mode, whatever its mode before)."""
+        was_training = self.filter.training if self.filter is not None else False
+        if self.filter is not None:
+            self.filter.eval()
+        try:
+            return self(images, class_ids)
+        finally:
+            if self.filter is not None:
+                self.filter.train(was_training)
