@@ -12,10 +12,12 @@ import os
 import torch
 
 TRITON_IMPORT_ERROR: str | None
+TRITON_VERSION: str | None = None
 try:
-    import triton  # noqa: F401
+    import triton
 
     TRITON_IMPORT_ERROR = None
+    TRITON_VERSION = triton.__version__
 except ImportError as exc:
     TRITON_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 

@@ -39,12 +39,9 @@ def environment() -> dict:
         "cpu_threads": torch.get_num_threads(),
         "extension": _ext.build_info(),
     }
-    try:
-        import triton
+    from raid_fast import kernels
 
-        info["triton"] = triton.__version__
-    except ImportError as exc:
-        info["triton"] = f"not importable ({exc})"
+    info["triton"] = kernels.TRITON_VERSION or f"not importable ({kernels.TRITON_IMPORT_ERROR})"
     info["backends"] = raid_fast.backends()
     return info
 

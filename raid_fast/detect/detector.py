@@ -20,6 +20,7 @@ from raid_fast import _checks
 from raid_fast.database import TokenDatabase
 from raid_fast.database_module import DatabaseModule
 from raid_fast.detect.anomaly_map import AnomalyMapGenerator, top_percent_mean
+from raid_fast.detect.backbones import PRECISIONS
 from raid_fast.retrieval import Retrieval, retrieve
 
 
@@ -85,6 +86,9 @@ class Detector(nn.Module):
         sigma: Gaussian blur of the pixel map.
         pad_cost: cost of missing neighbours in the cost volume.
         backend: backend for the search ops (None = auto).
+        filter_precision: ``"fp32"``, or ``"bf16"`` / ``"fp16"`` to run the filter under autocast
+            (its map is returned as float32; the backbone has its own ``precision``). Retrieval always
+            runs in float32.
 
     Example:
         >>> det = raid_fast.Detector(raid_fast.load_backbone("efficientnet_lite0"), db)
@@ -102,6 +106,7 @@ class Detector(nn.Module):
         sigma: float = 4.0,
         pad_cost: float = 1.0,
         backend: str | None = None,
+        filter_precision: str = "fp32",
     ) -> None:
         super().__init__()
         if not isinstance(db, TokenDatabase):
@@ -118,6 +123,8 @@ class Detector(nn.Module):
         self.k, self.nprobe, self.mode = k, nprobe, mode
         self.pad_cost = float(pad_cost)
         self.backend = backend
+        _checks.check_choice("filter_precision", filter_precision, tuple(PRECISIONS))
+        self.filter_precision = filter_precision
         self.maps = AnomalyMapGenerator(sigma)
 
     @property
@@ -154,8 +161,10 @@ class Detector(nn.Module):
         matching = self.match(images, class_ids, exclude_images)
         score = matching.cost[:, 0]
         if self.filter is not None:
-            m, _ = self.filter(matching.guidance, matching.cost)
-            score = score + m
+            dtype = PRECISIONS[self.filter_precision]
+            with torch.autocast(score.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                m, _ = self.filter(matching.guidance, matching.cost)
+            score = score + m.float()
         return score, matching
 
     def forward(self, images, class_ids=None) -> Prediction:
