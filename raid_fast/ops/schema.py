@@ -1,7 +1,8 @@
 """The argument spec of every op, declared once.
 
-Each entry is a ``torch.library`` schema (argument names, types, defaults and results). The
-dispatcher binds calls by these names (``supports`` checks read ``args.queries``, ``args.k``, ...),
+Each op has a ``torch.library`` schema in :data:`SCHEMAS` (argument names, types, defaults and
+results) and a fake in :data:`FAKES` (its outputs' shapes and dtypes from the inputs' shapes alone,
+never their values, for tracing). The dispatcher binds calls by the schema's names (``supports`` checks read ``args.queries``, ``args.k``, ...),
 every backend implements exactly this signature, and :mod:`raid_fast.ops.library` registers each op
 as the custom op ``raid_fast::<name>`` so that ``torch.compile`` and ``torch.export`` see it.
 
@@ -10,6 +11,11 @@ image, C classes, S prototype slots per class, G groups, k centroids per group.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
 
 SCHEMAS: dict[str, str] = {
     # exact top-K by 1 - q . t: dist [M, K] ascending, idx [M, K] (-1 / +inf when missing);
@@ -47,4 +53,53 @@ SCHEMAS: dict[str, str] = {
     ),
     # k-means++ seeding driven by uniforms [G, k]: centroids [G, k, D], chosen point ids [G, k]
     "kmeans_plusplus": "(Tensor x, Tensor offsets, int max_size, int k, Tensor uniforms) -> (Tensor, Tensor)",
+}
+
+
+def _f32(t: torch.Tensor, *shape: int) -> torch.Tensor:
+    return t.new_empty(shape, dtype=torch.float32)
+
+
+def _i64(t: torch.Tensor, *shape: int) -> torch.Tensor:
+    return t.new_empty(shape, dtype=torch.int64)
+
+
+def _search_fake(queries, k):
+    m = queries.shape[0]
+    return _f32(queries, m, k), _i64(queries, m, k)
+
+
+def _kmeans_groups(offsets) -> int:
+    return offsets.shape[0] - 1
+
+
+FAKES: dict[str, Callable[..., Any]] = {
+    "cosine_topk": lambda queries, tokens, k, *rest: _search_fake(queries, k),
+    "ivf_topk": lambda queries, probes, list_offsets, tokens, k, *rest: _search_fake(queries, k),
+    "ivf_topk_cost_volume": lambda queries, probes, list_offsets, tokens, k, tg, eg, b, h, w, pad=1.0: (
+        *_search_fake(queries, k),
+        _f32(queries, b, k, h, w),
+    ),
+    "cost_volume": lambda dist, h, w, pad=1.0: _f32(dist, dist.shape[0], dist.shape[2], h, w),
+    "probe_prototypes": lambda queries, sem, bias, class_ids, p, *rest: (
+        _i64(queries, queries.shape[0]),
+        _f32(queries, queries.shape[0] * queries.shape[1], queries.shape[2]),
+        _i64(queries, queries.shape[0], queries.shape[1], p),
+        _f32(queries, *queries.shape),
+    ),
+    "kmeans_assign": lambda x, offsets, max_size, centroids: (_f32(x, x.shape[0]), _i64(x, x.shape[0])),
+    "kmeans_update": lambda x, offsets, max_size, idx, k, spherical: (
+        _f32(x, _kmeans_groups(offsets), k, x.shape[1]),
+        _i64(x, _kmeans_groups(offsets), k),
+    ),
+    "kmeans_step": lambda x, offsets, max_size, centroids, spherical: (
+        _f32(x, x.shape[0]),
+        _i64(x, x.shape[0]),
+        _f32(x, *centroids.shape),
+        _i64(x, *centroids.shape[:2]),
+    ),
+    "kmeans_plusplus": lambda x, offsets, max_size, k, uniforms: (
+        _f32(x, _kmeans_groups(offsets), k, x.shape[1]),
+        _i64(x, _kmeans_groups(offsets), k),
+    ),
 }
