@@ -33,6 +33,8 @@ _DETECTION = {
     "GuidedMoEFilter": "raid_fast.detect.filter",
     "TrainConfig": "raid_fast.detect.training",
     "train": "raid_fast.detect.training",
+    "export_detector": "raid_fast.detect.export",
+    "load_exported": "raid_fast.detect.export",
 }
 
 
@@ -62,10 +64,12 @@ __all__ = [
     "TokenDatabase",
     "TrainConfig",
     "available_backbones",
+    "export_detector",
     "backends",
     "kmeans",
     "knn",
     "load_backbone",
+    "load_exported",
     "ops",
     "retrieve",
     "train",

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 from raid_fast import _ext
-from raid_fast._dispatch import Args, Backend, Impl
 from raid_fast._backends.reference import float32_points
+from raid_fast._dispatch import Args, Backend, Impl
 from raid_fast.ref.cost_volume import cost_volume_ref
 
 _INT_DTYPES = (torch.int64, torch.int32)

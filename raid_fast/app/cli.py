@@ -200,6 +200,28 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from raid_fast import _fileio
+    from raid_fast.app.pipelines import detector_from_database
+    from raid_fast.detect.export import export_detector
+
+    _fileio.check_output_file(args.out, "--out")
+    det, db = detector_from_database(args.db, args.device, args.filter, k=args.k, nprobe=args.nprobe, mode=args.mode)
+    size = db.params["image_size"]
+    example = torch.rand(args.batch_size, 3, size, size, device=args.device)
+    start = time.perf_counter()
+    path = export_detector(det, example, args.out, package=args.package)
+    print(
+        f"wrote {path} ({args.package}, {path.stat().st_size / 2**20:.1f} MiB, batch {args.batch_size} x 3 x "
+        f"{size} x {size}) in {time.perf_counter() - start:.0f} s; run it with raid_fast.load_exported({str(path)!r})"
+    )
+    return 0
+
+
 def _cmd_convert_checkpoint(args: argparse.Namespace) -> int:
     from raid_fast.detect.checkpoints import convert_legacy_checkpoint
 
@@ -325,6 +347,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_detector_args(pr)
     pr.set_defaults(func=_cmd_predict)
+
+    ex = command("export", help="write a detector (database, backbone, filter) as one deployable .pt2 file")
+    ex.add_argument("--out", required=True, help="the .pt2 file to write")
+    ex.add_argument(
+        "--package",
+        choices=["aoti", "program"],
+        default="aoti",
+        help="aoti: AOTInductor package (compiled); program: the torch.export program (no compiler needed)",
+    )
+    ex.add_argument("--batch-size", type=int, default=1, help="the batch the package takes (fixed)")
+    _add_detector_args(ex)
+    ex.set_defaults(func=_cmd_export)
 
     cv = command(
         "convert-checkpoint",

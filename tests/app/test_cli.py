@@ -364,3 +364,28 @@ def test_demo_never_deletes_what_a_hostile_embedded_json_names(tmp_path, capsys,
     foreign = tmp_path / "foreign"
     (foreign / "mine").mkdir(parents=True)
     fails(["demo", "--out", str(foreign)], capsys, 2, "holds files the demo did not write")
+
+
+def test_export_round_trips_with_equal_maps(tiny_dataset, trained, tmp_path, capsys):
+    """`raid-fast export` writes the database, backbone and trained filter as one file; the loaded
+    file's maps equal the eager detector's on the embedded data."""
+    import torch
+
+    import raid_fast
+    from raid_fast.app.pipelines import detector_from_database
+    from raid_fast.data import load_datasets
+
+    root, db = tiny_dataset
+    out = tmp_path / "detector.pt2"
+    args = ["export", "--db", str(db), "--filter", str(trained / "best.pt"), "--out", str(out), "--batch-size", "2"]
+    assert cli.main([*args, "--package", "program"]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    det, _ = detector_from_database(db, "cpu", trained / "best.pt")
+    test = load_datasets([root], split="test", image_size=64)
+    images = torch.stack([test[i]["image"] for i in (0, len(test) - 1)])
+    want = det.predict(images)
+    got = raid_fast.load_exported(out)(images)
+    torch.testing.assert_close(got.pixel_map, want.pixel_map, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.score, want.score, atol=1e-5, rtol=1e-5)
+    assert torch.equal(got.class_ids, want.class_ids)
+    fails([*args[:-2], "--out", str(tmp_path)], capsys, 2, "--out")
