@@ -1,39 +1,10 @@
 """Flat exact cosine top-K by threshold filtering: the sort leaves the inner loop.
 
-The streaming kernel of ``cosine_topk`` sorts a [BM, BN] tile whenever one of its BM queries
-improves, which at database scale is nearly every tile: a top-K_PAD of BN packed int64 keys costs
-more than the tile's q . t product once that product runs on tensor cores. This path sorts only
-candidates that can still be in the answer, found with one compare per similarity.
-
-Letters as in ``cosine_topk``; S the sample stride, CAP candidate slots per query.
-
-1. Threshold: the streaming search over the sample ``tokens[::S]`` (same ranges and groups).
-   Its K-th best similarity tau[m] is a lower bound on the K-th best over all tokens, since the
-   sample is a subset; about K * S tokens of the whole database reach it.
-2. ``_filter_candidates_kernel``, grid (cdiv(M, 64), C): every q . t tile of the whole database
-   (the same ``_sim_tile`` as the streaming kernel, 64 x 64 tiles); each admissible
-   similarity >= tau[m] - slack is appended as a packed key to query m's row of a [M, CAP] buffer
-   (a relaxed atomic add per query and tile reserves the slots, a prefix sum over the tile's row
-   places them). ``slack`` bounds how far two evaluations of the same q . t at the same dot
-   precision can differ (``filter_slack``), so every token of the final top-K passes, ties at the
-   K-th distance included.
-3. ``_candidate_topk_kernel``, grid (cdiv(M, BM),) as the streaming merge: the top-K of each
-   query's candidates, written as dist/idx in their final layout.
-4. A query with more than CAP candidates (an unlucky sample, or a range with fewer than K sampled
-   tokens and more than CAP in all) is searched again with the streaming kernel. Knowing which
-   costs one host sync per call, paid only on this path.
-
-The result is the streaming kernel's (the same similarities; equal up to the order inside a tie).
-Assumes what the op promises: queries and tokens of norm <= ~1, which bounds the slack.
-
-``"filter_fp16"`` runs step 2 on float16 copies (tensor cores; the token copy is made once per
-tokens tensor and kept while that tensor lives unchanged) with the slack of float16 rounding added
-to the threshold, so the candidates still hold every token of the exact answer. Their keys carry
-float16-accurate similarities, so step 3 keeps the K2 = 2 * K_PAD best by those, and
-``_rerank_kernel`` recomputes them exactly (fp32 products) before the final top-K. That is exact
-when the K-th exact similarity beats the K2-th approximate one by more than the slack (nothing left
-out can reach the answer) or when a query has at most K2 candidates; other queries take the
-streaming search again, like an overflow.
+tau_m = the K-th best q_m . t over the sample tokens[::S] <= the K-th best over all tokens, so the
+answer of ``cosine_topk`` is the top-K of the candidates {n : q_m . t_n >= tau_m - slack}; a query
+with more than CAP candidates takes the streaming search. Letters as in ``cosine_topk``; S the
+sample stride, CAP candidate slots per query. The passes, the slack and the float16 variant:
+docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -137,8 +108,8 @@ def filter_slack(d: int, precision: str) -> float:
     One fp32 dot of length D is within (D + 2) * 2^-24 of the exact value (the products, the sum,
     the norm slack); TF32 operands round to 11 significant bits (2^-11 each, 2^-10 per product
     summed over |q_i t_i| <= 1), as do float16 ones (``"fp16"``, plus its subnormals), tf32x3 drops
-    the lo * lo term (2^-22); tensor-core accumulation is allowed (D + 2) * 2^-23. The bound is loose on purpose: a wider band only admits a few more
-    candidates.
+    the lo * lo term (2^-22); tensor-core accumulation is allowed (D + 2) * 2^-23. The bound is loose
+    on purpose: a wider band only admits a few more candidates.
     """
     single = (d + 2) * 2.0**-24
     if precision == "tf32x3":
@@ -481,14 +452,24 @@ def _rerank(queries, tokens, k, approx_dist, approx_idx, count, half_slack):
         BD=min(64, max(16, triton.next_power_of_2(d))),
         num_warps=4,
     )
-    best, pos = torch.topk(sims, k, dim=1)  # [M, K] descending exact similarities
-    found = torch.isfinite(best)
-    idx = torch.where(found, approx_idx.gather(1, pos), -1)
-    dist = torch.where(found, 1.0 - best, float("inf"))
-    kth_exact = best[:, k - 1]
+    dist, idx = _best_by_key(sims, approx_idx, k)  # [M, K]
+    kth_exact = torch.topk(sims, k, dim=1).values[:, k - 1]  # [M] the K-th exact similarity
     last_approx = 1.0 - approx_dist[:, k2 - 1]  # -inf when slot K2 is empty
     certified = (count <= k2) | (kth_exact > last_approx + half_slack)
     return dist, idx, certified
+
+
+def _best_by_key(sims: torch.Tensor, idx: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dist [M, K], idx [M, K]): the K best of sims, idx [M, R] (idx < 0: an empty slot) in the order
+    of the kernels' packed keys (``_pack_keys``): ascending 1 - sim, equal distances by ascending id."""
+    bits = (sims - 1.0).view(torch.int32)
+    keys = ((bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(torch.int64) << 32) | (0xFFFFFFFF - idx)
+    keys = torch.where(idx >= 0, keys, SENTINEL.value)
+    top = torch.topk(keys, k, dim=1).values  # [M, K] descending, distinct keys
+    high = (top >> 32).to(torch.int32)
+    neg = (high ^ ((high >> 31) & 0x7FFFFFFF)).view(torch.float32)  # sim - 1
+    found = top != SENTINEL.value
+    return torch.where(found, 0.0 - neg, float("inf")), torch.where(found, 0xFFFFFFFF - (top & 0xFFFFFFFF), -1)
 
 
 def cosine_topk_flat(

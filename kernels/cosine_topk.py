@@ -1,26 +1,14 @@
-"""Flat exact cosine top-K in Triton: fused q . t tiles with a streaming top-K, then a merge.
+"""Flat exact cosine top-K in Triton: fused q . t tiles with a running top-K per query, then a merge.
 
-Letters: M queries, N tokens, D dims, K neighbours, K_PAD = K rounded up to a power of two (>= 16),
-C chunks of the token axis. Semantics: ``raid_fast.ref.similarity.cosine_topk_ref``.
-
-Triton has no argsort, so a candidate is one int64 key, ``(monotone int32 of the similarity) << 32
-| token index``: sorting keys descending sorts by similarity (ascending 1 - cos) and carries the
-index along. An empty slot is ``SENTINEL`` (below every real key) and decodes to ``-1`` / ``+inf``.
-
-Stage 1, ``_cosine_topk_partial_kernel``, grid (cdiv(M, BM), C): each program multiplies a block
-of BM queries with the BN-token tiles of its chunk (fp32, D in BD slices) and keeps a running
-top-K_PAD per query (a bitonic top-K_PAD of the tile, then one bitonic merge with the running
-list; tiles that beat no query's current K-th key skip both), so the [M, N] similarity matrix never
-reaches memory; it writes [BM, K] keys into a [M, C, K] buffer. Stage 2, ``_topk_merge_kernel``,
-grid (cdiv(M, BM),): merges the C partial lists of each query (also the merge of the inverted-list
-search, where it can write the cost volume as well).
-
-Sort networks: ``tl.topk`` / ``tl.bitonic_merge`` when compiled; under the interpreter the same
-networks built from min/max (``NATIVE_SORT`` overrides the choice, for tests and benchmarks).
+(dist, idx)[m] = the K smallest (1 - q_m . t_n, n) over admissible tokens n, lexicographically (equal
+distances by ascending n), as ``raid_fast.ref.similarity.cosine_topk_ref``. Letters: M queries, N
+tokens, D dims, K neighbours, K_PAD = K rounded up to a power of two (>= 16), C chunks of the token
+axis. Packed keys, sort networks and launch shapes: docs/kernels.md.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import NamedTuple
 
@@ -39,19 +27,22 @@ SENTINEL = tl.constexpr(-(2**63))
 
 @triton.jit
 def _pack_keys(b_sim, o_n):
-    # order-preserving int32 of the float bits (negative floats count down), index in the low half
-    b_bits = b_sim.to(tl.int32, bitcast=True)
+    # high half: an order-preserving int32 of the bits of sim - 1 = -(1 - sim) exactly (negative
+    # floats count down), so keys tie exactly where the distances do; low half: 2^32 - 1 - index,
+    # so that of equal distances the smaller index has the larger key and sorts first
+    b_bits = (b_sim - 1.0).to(tl.int32, bitcast=True)
     b_key = b_bits ^ ((b_bits >> 31) & 0x7FFFFFFF)
-    return (b_key.to(tl.int64) << 32) | o_n.to(tl.int64)
+    return (b_key.to(tl.int64) << 32) | (0xFFFFFFFF - o_n.to(tl.int64))
 
 
 @triton.jit
 def _unpack_keys(b_keys):
     b_key = (b_keys >> 32).to(tl.int32)
-    b_sim = (b_key ^ ((b_key >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+    b_neg = (b_key ^ ((b_key >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
     m_hit = b_keys != SENTINEL
-    b_dist = tl.where(m_hit, 1.0 - b_sim, float("inf"))
-    b_idx = tl.where(m_hit, b_keys & 0xFFFFFFFF, -1)
+    # 0 - x rather than -x: a distance of exactly 0 stays +0
+    b_dist = tl.where(m_hit, 0.0 - b_neg, float("inf"))
+    b_idx = tl.where(m_hit, 0xFFFFFFFF - (b_keys & 0xFFFFFFFF), -1)
     return b_dist, b_idx
 
 
@@ -319,13 +310,32 @@ def block_d(d: int) -> int:
     return min(32, max(16, triton.next_power_of_2(d)))
 
 
+# streaming multiprocessors that launch plans assume; None: the device's own. Setting it (to 132, an
+# H200's) makes interpreted calls plan their grids as that GPU would, so that their launches can be
+# recorded as the specialisations a GPU run compiles (tests/library/triton_aot.py)
+PLAN_SMS: int | None = None
+
+
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int | None:
+    """Streaming multiprocessors the launches on ``device`` are planned for; None when interpreted
+    on a CPU (grids then stay small: the interpreter runs programs one by one)."""
+    if PLAN_SMS is not None:
+        return PLAN_SMS
+    if device.type != "cuda":
+        return None
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def _num_chunks(m_blocks: int, n_tiles: int, device: torch.device) -> int:
-    # enough programs to fill the gpu a few times over; the interpreter runs programs one by one,
-    # so there a few chunks (to exercise the merge) are enough
-    if device.type == "cuda":
-        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        target = 4
+    # enough programs to fill the gpu a few times over; interpreted, a few chunks (to exercise the
+    # merge) are enough
+    sms = sm_count(device)
+    target = 4 * sms if sms is not None else 4
     return max(1, min(n_tiles, triton.cdiv(target, m_blocks)))
 
 

@@ -167,6 +167,31 @@ def unit(*shape: int, device="cpu") -> torch.Tensor:
     return F.normalize(torch.randn(*shape, device=device), dim=-1)
 
 
+def tie_vectors(n: int, d: int, device="cpu", seed: int = 0) -> torch.Tensor:
+    """[n, D] unit rows (D >= 16) of +-1/4 on 16 random coordinates: every dot is a multiple of 1/16,
+    exact in float32 and float16 whatever the summation order, so equal distances are exact ties on
+    every backend (and many of them: a dot takes one of at most 33 values)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.zeros(n, d)
+    coords = torch.argsort(torch.rand(n, d, generator=gen), dim=1)[:, :16]  # [n, 16] distinct per row
+    signs = torch.randint(0, 2, (n, 16), generator=gen).float() * 0.5 - 0.25
+    return x.scatter_(1, coords, signs).to(device)
+
+
+def assert_same_topk(dist, idx, ref_dist, ref_idx) -> None:
+    """Bitwise the reference's answer, tie order included (for inputs whose distances are exact)."""
+    dist, idx = dist.cpu(), idx.cpu()
+    assert torch.equal(dist, ref_dist.cpu()), f"distances differ: {torch.nonzero(dist != ref_dist.cpu())[:5].tolist()}"
+    diff = torch.nonzero(idx != ref_idx.cpu())
+    if diff.numel():
+        r, c = diff[0].tolist()
+        msg = (
+            f"{diff.shape[0]} ids differ from the reference's tie order, first at row {r} slot {c}: "
+            f"{idx[r].tolist()} vs {ref_idx[r].tolist()}"
+        )
+        raise AssertionError(msg)
+
+
 def cosine_admissible(m, n, lo=None, hi=None, token_group=None, exclude_group=None, device="cpu") -> torch.Tensor:
     """[M, N] bool: which tokens each query of a flat search may see (ranges, exclusion groups)."""
     ids = torch.arange(n, device=device)

@@ -3,13 +3,17 @@
 Letters: M queries, P probed lists per query, N tokens, D dims, K neighbours.
 Tokens are stored grouped by list (CSR): list l owns tokens list_offsets[l] .. list_offsets[l+1]-1.
 Each query searches the union of its P probed lists and keeps one global top-K by 1 - cos
-(no per-list quota), sorted ascending; missing slots are ``idx = -1``, ``dist = +inf``.
-Written cluster by cluster: the queries that probe a list are scanned against it together.
+(no per-list quota): the K smallest (dist, id) pairs in lexicographic order, so equal distances go
+to the smaller token id (the tie rule of ``raid_fast.ref.similarity``); missing slots are
+``idx = -1``, ``dist = +inf``. Written cluster by cluster: the queries that probe a list are scanned
+against it together.
 """
 
 from __future__ import annotations
 
 import torch
+
+from raid_fast.ref.similarity import lex_order, smallest_in_id_order
 
 
 def ivf_topk_ref(
@@ -33,7 +37,8 @@ def ivf_topk_ref(
             token_group[n] == exclude_group[m] (-1 excludes none).
 
     Returns:
-        dist [M, K] float32 ascending 1 - cos, idx [M, K] int64 global token ids.
+        dist [M, K] float32 ascending 1 - cos, idx [M, K] int64 global token ids (equal distances
+        by ascending id).
     """
     m, p = probes.shape
     dev = queries.device
@@ -57,10 +62,11 @@ def ivf_topk_ref(
             dist = dist.masked_fill(banned, float("inf"))
             ids = torch.where(banned, -1, ids)
         take = min(k, hi - lo)
-        top, pos = torch.topk(dist, take, dim=1, largest=False)
-        part_dist[qm, slot, :take] = top
+        pos = smallest_in_id_order(dist, take)  # [Mq, take]: the columns are the list's ids in order
+        part_dist[qm, slot, :take] = dist.gather(1, pos)
         part_idx[qm, slot, :take] = ids.gather(1, pos)
-    dist, pos = torch.topk(part_dist.view(m, p * k), k, dim=1, largest=False)
-    idx = part_idx.view(m, p * k).gather(1, pos)
+    all_dist, all_idx = part_dist.view(m, p * k), part_idx.view(m, p * k)
+    pos = lex_order(all_dist, all_idx)[:, :k]  # [M, K]
+    dist, idx = all_dist.gather(1, pos), all_idx.gather(1, pos)
     idx = torch.where(torch.isinf(dist), -1, idx)
     return dist, idx
