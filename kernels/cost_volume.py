@@ -1,9 +1,9 @@
-"""Cost volume in Triton: [B, L, K] top-K distances -> [B, K, H, W], +inf -> pad_cost.
+"""Cost volume in Triton: [B, L, K] top-K distances -> [B, K, H, W], +-inf -> pad_cost.
 
-Letters: B images, L = H * W query tokens (row-major), K neighbours; BL x BK tiles.
-Semantics: ``raid_fast.ref.cost_volume.cost_volume_ref``. ``_cost_volume_kernel``, grid
-(B, cdiv(L, BL), cdiv(K, BK)), reads a [BL, BK] tile through the input's strides and writes it
-transposed into the contiguous output, so non-contiguous distances need no copy.
+volume[b, k, y, x] = dist[b, y * W + x, k] (pad_cost where infinite), as
+``raid_fast.ref.cost_volume.cost_volume_ref``. Letters: B images, L = H * W query tokens
+(row-major), K neighbours; BL x BK tiles, read through the input's strides and written transposed,
+so non-contiguous distances need no copy.
 """
 
 from __future__ import annotations

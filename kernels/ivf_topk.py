@@ -1,21 +1,9 @@
 """Inverted-list (IVF) top-K in Triton, grouped by list: each probed list is read once per batch.
 
-Letters: M queries, P probe slots per query, L lists (CSR ``list_offsets`` [L + 1]), N tokens,
-D dims, K neighbours, BM queries per program, W work items. Semantics:
-``raid_fast.ref.ivf_search.ivf_topk_ref``; keys and merges as in ``cosine_topk``.
-
-1. The probe map is inverted on the device in four launches, no host sync (a memset, then
-   ``_probe_count_kernel``, ``_probe_schedule_kernel``, ``_probe_scatter_kernel``: a counting sort
-   with atomics; a torch sort took a dozen launches, the cost that matters at batch 1): the pairs
-   of list l are ``order[start[l]:start[l + 1]]``; list l gets cdiv(count, BM) work items from
-   ``first[l]`` on, and a work item is (list, block of BM of its pairs).
-2. ``_ivf_topk_scan_kernel``, grid (W_max,): finds its list by binary search over ``first``,
-   scans the list's contiguous token slice once for its
-   BM queries (fp32 q . t tiles, streaming top-K) and writes each pair's K best keys into a
-   [M, P, K] buffer at (query, slot). W_max = cdiv(M * P, BM) + min(L, M * P) bounds the real
-   number of work items without reading it back; the spare programs exit at once.
-3. ``_topk_merge_kernel``, grid (cdiv(M, BM),): one global top-K per query over its probed slots
-   (unused slots, probe -1, are never read), optionally writing the cost volume [B, K, H, W] too.
+(dist, idx)[m] = the K smallest (1 - q_m . t_n, n) over the tokens n of the lists probes[m, :],
+lexicographically, as ``raid_fast.ref.ivf_search.ivf_topk_ref``. Letters: M queries, P probe slots
+per query, L lists (CSR ``list_offsets`` [L + 1]), N tokens, D dims, K neighbours, BM queries per
+program, W work items. The counting-sort schedule, the scan and the merge: docs/kernels.md.
 """
 
 from __future__ import annotations

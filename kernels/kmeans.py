@@ -1,40 +1,21 @@
 """Lloyd k-means in Triton on half-precision points: one pass over the points per iteration.
 
-Letters: G groups (ragged, ``offsets`` [G + 1]), N points in all, D dims, k centroids per group
-(k_g = min(k, N_g) used), KP = k padded to a power of two. Semantics: ``raid_fast.ref.kmeans``
-applied to the points and centroids rounded to the points' dtype (float16 or bfloat16), which is
-what ``raid_fast.kmeans(precision="fp16" | "bf16")`` asks for.
-
-Why one pass: at the ``mvtec448`` size (15 x 81,920 x 384) the points are 0.94 GB in half precision
-and the iteration is memory-bound, so assignment and accumulation share one read of X:
-
-- ``_lloyd_pass_kernel``, grid (G, SPLIT, windows): a program walks every SPLIT-th tile of BM points
-  of its group. Scores x.c come from tensor-core dots over D chunks (fp32 accumulation), the argmin
-  picks the smallest id on ties, and the tile's points are added to per-program cluster sums with a
-  second dot, one_hot [KP, BM] @ x [BM, BD], into fp32 accumulators held in registers. Each program
-  writes its partial sums [KP, window] once, without atomics, so results do not depend on timing.
-  A window is the slice of D whose sums one program holds (at most KP x 384 floats); a wider D gets
-  several windows, each recomputing the assignment and only window 0 writing dist / idx.
-- ``_lloyd_reduce_kernel``, grid (G, D chunks): sums the SPLIT partials in a fixed order, divides by
-  the counts.
-- ``_lloyd_fixup_kernel``, grid (G): empty clusters split from the largest (the reference's rule)
-  and the spherical rescale, which need whole rows.
-
-Expected on an H200 (performance-anchors.md): 0.94 GB at ~4 TB/s is ~0.24 ms per iteration, the two
-dots 2 x 47 GFLOP at several hundred TFLOP/s about half that and overlapped, so 25 iterations of the
-15 classes take ~6-7 ms plus ~0.7 ms to round the points. Checked without a GPU (ptxas for sm_90,
-``tests/test_triton_compile.py``): the pass kernel at D % 16 == 0 has no register spills and uses
-64 KB of shared memory; its 255 registers per thread allow one program per SM, which ``_split``
-plans for.
+idx_i = argmin_j ||x_i - c_j||^2 (smallest j on ties) and c_j = mean{x_i : idx_i = j}, with x and c
+rounded to float16 / bfloat16 and every sum in float32: ``raid_fast.ref.kmeans`` on the rounded
+values, which ``raid_fast.kmeans(precision="fp16" | "bf16")`` asks for. Letters: G groups (ragged,
+``offsets`` [G + 1]), N points in all, D dims, k centroids per group (k_g = min(k, N_g) used),
+KP = k padded to a power of two. Checked without a GPU (ptxas for sm_90,
+tests/library/test_triton_compile.py): the pass kernel, in the tensor-core variant a GPU runs, has no
+register spills at the D % 16 == 0 shapes compiled there (D = 48, and k = 50 at the benchmarks'
+D = 384). The kernels: docs/kernels.md.
 """
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
+from raid_fast.kernels.cosine_topk import sm_count
 
 from raid_fast.ref.kmeans import SPLIT_EPS
 
@@ -236,11 +217,6 @@ def _lloyd_fixup_kernel(
             tl.store(p_c, b_c * scale[:, None], mask=m_kd)
 
 
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _interpreted() -> bool:
     from raid_fast.kernels import TRITON_INTERPRET
 
@@ -265,17 +241,17 @@ def pass_config(k: int, d: int) -> dict:
 def _split(x: torch.Tensor, n_groups: int, max_size: int, bm: int, windows: int) -> int:
     """Programs per group, from a wave model of the GPU.
 
-    The pass kernel holds about 255 registers per thread at 8 warps (ptxas for sm_90), so one
-    program runs per SM. A launch of P programs takes ceil(P / SMs) waves, each as long as one
-    program: its ceil(tiles / split) tiles plus about one tile's worth of time writing its partial
-    sums. The split with the least of that wins: for 15 groups of 640 tiles on 132 SMs it is 17 (255
-    programs, two waves) where "two programs per SM" would give 18 (270 programs, three waves, the
-    last one nearly empty, 42% slower by the model).
+    The pass kernel holds 255 registers per thread at 8 warps (ptxas for sm_90, k = 50, D = 384),
+    so one program runs per SM. A launch of P programs takes ceil(P / SMs) waves, each as long as
+    one program: its ceil(tiles / split) tiles plus about one tile's worth of time writing its
+    partial sums. The split with the least of that wins: for 15 groups of 640 tiles on 132 SMs it is
+    17 (255 programs, two waves) where "two programs per SM" would give 18 (270 programs, three
+    waves, the last one nearly empty).
     """
     tiles = max(1, triton.cdiv(max_size, bm))
-    if x.device.type != "cuda":
+    slots = sm_count(x.device)
+    if slots is None:
         return min(tiles, 2)  # interpreted: still several programs per group, to test the merge
-    slots = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
     per_split = max(1, n_groups * windows)
 
     def cost(split: int) -> int:

@@ -1,17 +1,10 @@
 """Class routing, query normalisation and top-P prototype probing in one Triton launch.
 
+c_b = argmax_c cos(cls_b, class_c) (first c on ties; or given), qn = q / max(||q||, 1e-12),
+probes[m] = the P slots s of class c_b with the largest qn_m . sem[c_b, s] + bias[c_b, s] (ties to
+the smallest s), proto[m] = sem[c_b, probes[m, 0]], as ``raid_fast.ref.probe.probe_prototypes_ref``.
 Letters: B images, L tokens per image, M = B * L query tokens, D dims, C classes, S prototype slots
-per class (SP = S padded to a power of two), P probes. Semantics:
-``raid_fast.ref.probe.probe_prototypes_ref``.
-
-At batch 1 on a GPU the hierarchical retrieve is launch-bound: routing the image by its CLS token,
-normalising the queries and scoring, ranking and gathering the prototypes of each token's class took
-fifteen small torch launches. Here ``_probe_kernel``, grid (B, cdiv(L, BM)), does it for BM tokens
-of one image in one program: the image's class (ROUTE: cosine of its CLS token to the C class
-prototypes, first index on ties, recomputed by each program of the image and stored by the first;
-otherwise given), the squared norms over D chunks, then per chunk the normalised tokens (stored) and
-their dot with the class's prototypes [SP, BD] (fp32, exact products), then P rounds of a row argmax
-(ties to the smallest slot, as the ranks of a descending top-P) and the top-1 prototype rows.
+per class (SP = S padded to a power of two), P probes. The kernel: docs/kernels.md.
 """
 
 from __future__ import annotations
