@@ -4,7 +4,7 @@ Providers: ``cuda`` / ``cpp`` / ``torch`` (float32), ``triton_fp16`` / ``triton_
 one-pass half-precision Lloyd loop, ``raid_fast.kmeans(precision=...)``; the rounding of the points
 is inside the timed call), ``sklearn`` and ``flash_kmeans`` when importable.
 
-Workloads (DESIGN.md section 9): one class of ``mvtec448`` (81,920 x 384 -> 50, 25 iterations)
+Workloads (the project's KMeans targets): one class of ``mvtec448`` (81,920 x 384 -> 50, 25 iterations)
 and all 15 classes batched; ``small`` is a CI-sized stand-in. Data are random unit vectors (timing
 does not depend on content); every provider starts from the same centroids and runs the same
 number of iterations, and its final inertia is checked against the reference before it is timed.

@@ -8,7 +8,7 @@ also ``hierarchical_tf32x3`` and ``flat_multi_tf32x3``, the Triton search tiles 
 ``flat_multi_filter_fp16``, the threshold-filtered flat search (``RAID_FAST_FLAT_SEARCH``), checked
 against the reference like the others.
 
-Workloads (DESIGN.md section 9): ``mvtec256`` (15 classes x 80 templates x 18x18 tokens, D = 384,
+Workloads (the paper's MVTec settings): ``mvtec256`` (15 classes x 80 templates x 18x18 tokens, D = 384,
 S = 50, P = 5, K = 150) and ``mvtec448`` (32x32 tokens); ``small`` is a CI-sized stand-in.
 Tokens are random unit vectors (timing only); recall@K of each mode against exact flat search over
 the routed class is printed beside every time, and each provider is checked against the

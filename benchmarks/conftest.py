@@ -6,7 +6,7 @@ def pytest_addoption(parser):
         "--bench-size",
         default="small",
         choices=["small", "small15", "full", "full15"],
-        help="workload size: small (CI, 2 CPU cores, a few minutes) or full (DESIGN.md section 9)",
+        help="workload size: small (CI, 2 CPU cores, a few minutes) or full (the paper's MVTec sizes)",
     )
 
 

@@ -159,6 +159,15 @@ run_step "retrieval batch 1" 60 0 bench_retrieval.log \
 run_step "table 4" "$t4_cap" 0 table4.log \
   python -m benchmarks.table4 --device "$dev" --scale "$t4_scale" --rounds 5 --out "$out"
 
+# the detector end to end: eager first, then bf16, torch.compile (with CUDA graphs) and the exported
+# package; each provider's rows are written as soon as it is measured
+if [ "$dev" = cuda ]; then
+  run_step "detector latency" 120 0 latency.log python -m benchmarks.latency --scale mvtec256 --device cuda --out "$out"
+else
+  run_step "detector latency" 120 0 latency.log \
+    python -m benchmarks.latency --scale small --device cpu --batch 4 --rounds 5 --providers eager --out "$out"
+fi
+
 run_step "regression suite ($suite_size)" "$suite_cap" 0 suite.log \
   python -m pytest benchmarks --benchmark-only --bench-size "$suite_size" -q -p no:cacheprovider \
   --benchmark-json "$out/suite_$suite_size.json"

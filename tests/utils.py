@@ -13,12 +13,15 @@ import raid_fast
 
 def backend_params(op: str) -> list:
     """pytest params for every backend of ``op``; unavailable ones skip with their reason, the
-    CUDA one is marked ``cuda`` (skipped without a GPU)."""
+    CUDA one is marked ``cuda`` (skipped without a GPU), the triton one ``triton`` (so that a GPU
+    run's ``-m "cuda or triton"`` selects it)."""
     params = []
     for name, status in raid_fast.backends()[op].items():
         marks = []
         if name == "cuda":
             marks.append(pytest.mark.cuda)
+        if name == "triton":
+            marks.append(pytest.mark.triton)
         if not status.startswith("ok"):
             marks.append(pytest.mark.skip(reason=f"{name}: {status}"))
         params.append(pytest.param(name, id=name, marks=marks))
@@ -34,8 +37,7 @@ def fast_backend_params(op: str, expected: tuple[str, ...] = ("cpp", "triton")) 
         (name,) = param.values
         if name == "torch":
             continue
-        marks = [*param.marks, pytest.mark.triton] if name == "triton" else list(param.marks)
-        params.append(pytest.param(name, id=name, marks=marks))
+        params.append(pytest.param(name, id=name, marks=list(param.marks)))
     registered = {param.id for param in params}
     for name in expected:
         if name not in registered:

@@ -21,7 +21,7 @@ Items are dicts: ``image`` float32 [3, H, W] in [0, 1], ``mask`` float32 [1, H, 
 ``class_name`` str, ``class_id`` int, ``defect_type`` str, ``path`` str. Images are resized with
 PIL (bicubic), masks with nearest neighbour.
 
-Settings (DESIGN.md section 7): full-shot multi-class (:class:`MVTecDataset` with every class),
+Settings: full-shot multi-class (:class:`MVTecDataset` with every class),
 k-shot templates (:func:`select_templates`), multi-dataset (:class:`MultiDataset`,
 :func:`load_datasets`).
 """

@@ -4,7 +4,7 @@ Letters: H x W pixels, C = 3 channels. Images are either ``uint8 [H, W, 3]`` (th
 layout) or ``float [3, H, W]`` in [0, 1] (this package's tensors); masks are ``float32 [H, W]``
 holding 0 and 1.
 
-One anomalous sample is made in four steps (reference/official-code-digest.md section 7):
+One anomalous sample is made in four steps (the authors' ``data_loader.py``):
 
 1. With probability ``p_normal`` (0.5) the sample stays normal: the image unchanged, an all-zero
    mask.

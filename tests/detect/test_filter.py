@@ -19,7 +19,7 @@ from raid_fast.detect.filter import (
 
 DIM, K = 32, 16
 
-# the authors' model at D=384, K=150 (digest section 5: about 13.95 M = 3 x 2.655 M + 3 x 1.962 M
+# the authors' model at D=384, K=150 (their expert.py / moe1.py: about 13.95 M = 3 x 2.655 M + 3 x 1.962 M
 # + 37 k + 62 k); these are the exact counts of those layers
 PARAMS_GUIDANCE_EXPERT = 2 * 384 * 384 * 9 + 384 + 2 * 384
 PARAMS_DENOISE_EXPERT = 1_962_451
@@ -77,7 +77,7 @@ def test_parameter_count_matches_authors_model():
     total = num_params(model)
     assert total == PARAMS_TOTAL
     assert total == 3 * PARAMS_GUIDANCE_EXPERT + 3 * PARAMS_DENOISE_EXPERT + PARAMS_ROUTER1 + PARAMS_ROUTER2
-    # the digest's rounded figure
+    # the rounded figure of the authors' model
     assert abs(total - 13.95e6) < 0.005e6
 
 
@@ -215,7 +215,7 @@ def test_balance_loss_minimum_at_uniform_routing():
     b, e = 4, 3
     uniform = torch.full((b, e), 1 / e)
     gate = torch.zeros(b, e).scatter_(1, uniform.topk(2, dim=1).indices, 1.0)
-    # digest: L2 = E * sum_e (mean_b p_e)^2 equals 1 when balanced; L1 = sum_e P_e f_e = top_k / E
+    # the authors' losses: L2 = E * sum_e (mean_b p_e)^2 equals 1 when balanced; L1 = sum_e P_e f_e = top_k / E
     assert math.isclose(float(dense_balance_loss(uniform)), 1.0, rel_tol=1e-6)
     assert math.isclose(float(sparse_balance_loss(uniform, gate)), 2 / 3, rel_tol=1e-6)
 

@@ -3,7 +3,7 @@
 Shape letters: B batch, D token dim, K retrieved neighbours per token (cost-volume depth),
 H x W token grid, L = H * W positions, E experts in one stage.
 
-Widths follow the authors' ``expert.py`` / ``moe1.py`` (reference/official-code-digest.md section 5):
+Widths follow the authors' ``expert.py`` / ``moe1.py``:
 a guidance expert maps ``2D -> D`` and concatenates its input, so the fused guidance has ``3D``
 channels; a denoising expert works at width ``K`` throughout, with a gate of width ``K // 2`` and
 GroupNorms of 5 groups.

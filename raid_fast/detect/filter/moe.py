@@ -38,8 +38,8 @@ class GuidedMoEFilter(nn.Module):
 
     Routing is per image. Both routers start at zero (uniform probabilities). In eval mode routing
     is deterministic: no noise is ever added. The authors add ``0.01 * U[0, 1)`` to the router
-    logits in training (and ``0.05 * U[0, 1)`` at eval, which is dropped here on purpose, see
-    DESIGN section 8); set ``router_noise=0.01`` to reproduce their training, and pass a
+    logits in training (and ``0.05 * U[0, 1)`` at eval, which is dropped here on purpose:
+    evaluation must be deterministic); set ``router_noise=0.01`` to reproduce their training, and pass a
     ``torch.Generator`` to ``forward`` for reproducible noise. Ties among equal probabilities (the
     zero-initialised router without noise) resolve as ``torch.topk`` does.
 
