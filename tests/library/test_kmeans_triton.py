@@ -78,7 +78,9 @@ def test_assign_matches_reference_on_rounded_values(backend, precision, sizes, d
 @pytest.mark.parametrize("sizes,d,k", SHAPES, ids=SHAPE_IDS)
 def test_step_matches_reference_on_rounded_values(backend, precision, spherical, sizes, d, k):
     x_low, x32, groups, c = rounded_problem(sizes, d, k, precision, device_of(backend))
-    dist, idx, new_c, counts = _dispatch.call("kmeans_step", x_low, groups.offsets, groups.max_size, c, spherical, backend=backend)
+    dist, idx, new_c, counts = _dispatch.call(
+        "kmeans_step", x_low, groups.offsets, groups.max_size, c, spherical, backend=backend
+    )
     (ref_dist, ref_idx), c_rounded = reference_assign(x32, groups, c, precision)
     assert_close_verbose("dist", dist, ref_dist, atol=1e-3, rtol=1e-4)
     assert_assign_equal_up_to_ties(x32, c_rounded, groups.offsets_cpu, idx, ref_idx, norm_rtol=NORM_RTOL)
@@ -96,7 +98,9 @@ def test_empty_clusters_split_from_the_largest(backend):
     groups = Groups.uniform(1, 200, torch.device(dev))
     # three centroids no point is near: all empty, each splits the then-largest cluster
     c = torch.cat([x[:4], torch.full((3, 16), 50.0)]).unsqueeze(0)  # [1, 7, 16]
-    _, idx, new_c, counts = _dispatch.call("kmeans_step", x_low.to(dev), groups.offsets, groups.max_size, c.to(dev), False, backend=backend)
+    _, idx, new_c, counts = _dispatch.call(
+        "kmeans_step", x_low.to(dev), groups.offsets, groups.max_size, c.to(dev), False, backend=backend
+    )
     assert counts.cpu()[0, 4:].tolist() == [0, 0, 0]
     ref_c, _ = kmeans_update_ref(x_low.float(), groups.offsets_cpu, idx.cpu(), 7, False)
     assert_close_verbose("centroids", new_c, ref_c, atol=1e-5, rtol=1e-5)
