@@ -32,6 +32,9 @@ from raid_fast import _checks, ops
 METRICS = ("l2", "ip", "cosine")
 # bounds the [chunk, K, D] float64 gather of the exact re-scoring
 _RESCORE_ELEMENTS = 1 << 24
+# candidates per chunk of the float32 re-scoring: its matmul costs chunk x distinct candidates x D,
+# so small chunks keep it near the M x K x D it needs (1/3 of the time at PatchCore's scale, K = 1)
+_RESCORE_CANDIDATES = 512
 
 
 def check_metric(metric: str) -> str:
@@ -67,9 +70,11 @@ def search_vectors(x: torch.Tensor, metric: str, side: str) -> torch.Tensor:
     return torch.cat([x, extra], dim=-1)  # [.., D + 1]
 
 
-# the last bank knn prepared for the search: repeated calls over one memory bank (PatchCore's
-# scoring loop) skip the [N, D'] copy; keyed by the tensor itself and its version counter
-_LAST_BANK: dict = {}
+# the last banks knn prepared for the search: repeated calls over one memory bank (PatchCore's
+# scoring loop) skip the [N, D'] copy; keyed by the tensor itself and its version counter. Two
+# entries, so that one call over a short-lived bank does not evict the bank in use.
+_BANK_CACHE: list[tuple[weakref.ref, tuple, torch.Tensor]] = []
+_BANK_CACHE_SIZE = 2
 
 
 def _bank_search_vectors(bank, x: torch.Tensor, metric: str) -> torch.Tensor:
@@ -77,13 +82,17 @@ def _bank_search_vectors(bank, x: torch.Tensor, metric: str) -> torch.Tensor:
     cacheable = isinstance(bank, torch.Tensor) and x is bank and not torch.compiler.is_compiling()
     if cacheable:
         key = (metric, bank._version, bank.data_ptr(), tuple(bank.shape), bank.stride(), bank.device)
-        ref, cached_key, prepared = _LAST_BANK.get("entry", (None, None, None))
-        if ref is not None and ref() is bank and cached_key == key:
-            return prepared
+        _BANK_CACHE[:] = [entry for entry in _BANK_CACHE if entry[0]() is not None]  # banks still alive
+        for i, (ref, cached_key, prepared) in enumerate(_BANK_CACHE):
+            if ref() is bank and cached_key == key:
+                _BANK_CACHE.append(_BANK_CACHE.pop(i))  # most recently used last
+                return prepared
     _checks.check_finite("bank", x)
     prepared = search_vectors(x, metric, "bank")
     if cacheable:
-        _LAST_BANK["entry"] = (weakref.ref(bank), key, prepared)
+        _BANK_CACHE[:] = [entry for entry in _BANK_CACHE if entry[0]() is not bank]  # an older version
+        _BANK_CACHE.append((weakref.ref(bank), key, prepared))
+        del _BANK_CACHE[:-_BANK_CACHE_SIZE]
     return prepared
 
 
@@ -104,6 +113,8 @@ def rescore(
         queries, bank = F.normalize(queries, dim=-1), F.normalize(bank, dim=-1)
     dist = torch.empty(m, k, dtype=torch.float32, device=queries.device)
     rows = max(1, _RESCORE_ELEMENTS // max(1, k * queries.shape[1]))
+    if not exact:
+        rows = min(rows, max(8, _RESCORE_CANDIDATES // max(1, k)))
     for start in range(0, m, rows):
         sl = slice(start, start + rows)
         cand = idx[sl].clamp_min(0)  # [m', K]

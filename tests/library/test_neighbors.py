@@ -282,3 +282,24 @@ def test_knn_reuses_the_bank_copy_only_while_the_bank_is_unchanged():
     x[5, 2] = float("nan")
     with pytest.raises(ValueError, match="bank must be finite"):
         rf.knn(q, x, 3)
+
+
+def test_knn_keeps_the_bank_in_use_cached_across_a_short_lived_bank(monkeypatch):
+    from raid_fast import neighbors
+
+    q, x = _data(m=8, n=100, d=6)
+    prepared = []
+    real = neighbors.search_vectors
+
+    def spy(v, metric, side):
+        if side == "bank":
+            prepared.append(v)
+        return real(v, metric, side)
+
+    monkeypatch.setattr(neighbors, "search_vectors", spy)
+    want = rf.knn(q, x, 3)
+    for _ in range(3):
+        rf.knn(q, x.clone(), 3)  # a bank that dies after the call
+        assert [torch.equal(a, b) for a, b in zip(rf.knn(q, x, 3), want)] == [True, True]
+    assert len(prepared) == 1 + 3  # x once, each clone once
+    assert len(neighbors._BANK_CACHE) <= neighbors._BANK_CACHE_SIZE
