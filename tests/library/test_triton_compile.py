@@ -155,19 +155,7 @@ def test_kernels_compile_for_sm90():
         json.dumps(["value", True]),
         json.dumps(["value", False]),
     }
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.library.triton_aot", "--arch", "90", "--jobs", "2"],
-        input=json.dumps(todo),
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=Path(__file__).resolve().parents[2],
-        timeout=1500,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = _compile_in_subprocess(todo, jobs=2, timeout=1500)
     failures = "\n\n".join(f"{f[0]['kernel']} {f[0]['args']}:\n{f[1]}" for f in report["failures"])
     assert not report["failures"], (
         f"{len(report['failures'])} of {len(todo)} specialisations fail to compile:\n{failures}"
@@ -234,17 +222,23 @@ def test_precompile_records_the_target_steps():
     assert any(launch["args"].get("K") == ["int", 1] for launch in launches)
 
 
-def _compile_in_subprocess(launches: list, cache: Path) -> dict:
+def _compile_in_subprocess(
+    launches: list, cache: Path | None = None, jobs: int | None = None, timeout: int = 600
+) -> dict:
+    """The AOT compiler's report on ``launches``, compiled for sm_90 in a fresh process (into
+    ``cache`` as TRITON_CACHE_DIR when given)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(cache)
+    if cache is not None:
+        env["TRITON_CACHE_DIR"] = str(cache)
+    jobs_args = [] if jobs is None else ["--jobs", str(jobs)]
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.library.triton_aot", "--arch", "90"],
+        [sys.executable, "-m", "tests.library.triton_aot", "--arch", "90", *jobs_args],
         input=json.dumps(launches),
         capture_output=True,
         text=True,
         env=env,
         cwd=Path(__file__).resolve().parents[2],
-        timeout=600,
+        timeout=timeout,
         check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
