@@ -3,8 +3,9 @@ against faiss-cpu ``IndexFlatL2`` and ``torch.cdist`` + ``topk``.
 
 Providers: ``knn`` (one call with the bank; the bank's search copy is reused across calls, as in
 PatchCore's scoring loop), ``knn_cold`` (the same with the copy rebuilt every call), ``index``
-(``raid_fast.Index``, prepared once), ``faiss`` (``IndexFlatL2``, when faiss-cpu is importable),
-``cdist_topk`` (plain torch). Workloads: ``patchcore`` is anomalib PatchCore's memory bank for one
+(``raid_fast.Index``, prepared once), ``knn_float32`` (``knn`` without the bfloat16 candidate filter
+of ``raid_fast.bf16_filter``, which ``knn`` and ``index`` use where the CPU has bfloat16 dot
+products), ``faiss`` (``IndexFlatL2``, when faiss-cpu is importable), ``cdist_topk`` (plain torch). Workloads: ``patchcore`` is anomalib PatchCore's memory bank for one
 MVTec class with WideResNet-50 features (15,753 x 1,536 after 1 % coreset subsampling) and the
 784 patches of one 224-px image, K = 1; ``small`` is a CI-sized stand-in. Data are random
 non-negative vectors (post-ReLU features); every provider's neighbours are checked against
@@ -25,6 +26,7 @@ import torch
 
 import raid_fast
 from benchmarks import _bench
+from raid_fast import bf16_filter
 
 try:
     import faiss
@@ -44,7 +46,7 @@ WORKLOADS = {
     "small": Workload(n=4000, m=196, d=384, k=1),
     "patchcore": Workload(n=15753, m=784, d=1536, k=1),
 }
-PROVIDERS = ("knn", "knn_cold", "index", "faiss", "cdist_topk")
+PROVIDERS = ("knn", "knn_cold", "index", "knn_float32", "faiss", "cdist_topk")
 
 
 def data(w: Workload, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,6 +67,16 @@ def setup(w: Workload, provider: str, device: str = "cpu"):
         return lambda: raid_fast.knn(queries, bank, w.k)
     if provider == "knn_cold":
         return lambda: raid_fast.knn(queries, bank.clone(), w.k)
+    if provider == "knn_float32":
+
+        def run():
+            saved, bf16_filter.MODE = bf16_filter.MODE, "off"
+            try:
+                return raid_fast.knn(queries, bank, w.k)
+            finally:
+                bf16_filter.MODE = saved
+
+        return run
     if provider == "index":
         index = raid_fast.Index(bank, metric="l2")
         return lambda: index.search(queries, w.k)
@@ -117,7 +129,7 @@ def run(size: str, device: str, out_dir: str | None, rounds: int) -> list[dict]:
         )
     for base in ("faiss", "cdist_topk"):
         if base in times:
-            for name in ("knn", "knn_cold", "index"):
+            for name in ("knn", "knn_cold", "index", "knn_float32"):
                 print(f"  {name} vs {base}: {times[base][0] / times[name][0]:.2f}x")
     if out_dir is not None:
         print(f"wrote {len(rows)} rows to {_bench.write_rows(rows, out_dir, device)}")

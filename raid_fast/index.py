@@ -17,13 +17,15 @@ import hashlib
 import json
 import os
 import tempfile
+import weakref
 
 import torch
 from torch import nn
 
 from raid_fast import _checks, ops
+from raid_fast.bf16_filter import FilterBank, prepare_bank
 from raid_fast.clustering import kmeans
-from raid_fast.neighbors import as_vectors, check_metric, rescore, search_vectors
+from raid_fast.neighbors import as_vectors, check_metric, flat_search, rescore, search_vectors
 
 FORMAT = "raid_fast.Index"
 FORMAT_VERSION = 1
@@ -185,19 +187,36 @@ class Index(nn.Module):
             fill = float("-inf") if self.metric == "ip" else float("inf")
             dist = torch.full((*q.shape[:-1], k), fill, device=q.device)
             return dist, torch.full((*q.shape[:-1], k), -1, dtype=torch.int64, device=q.device)
-        sq = search_vectors(flat, self.metric, "query")
-        if self.n_lists is None:
-            _, slot = ops.cosine_topk(sq, self.list_vectors, k, unit_norm=self.metric == "cosine", backend=self.backend)
+        if self.n_lists is None:  # list slots are bank ids
+            ids = flat_search(
+                flat, self.vectors, k, self.metric, self.backend, lambda: self.list_vectors, self._filter_bank
+            )
         else:
+            sq = search_vectors(flat, self.metric, "query")
             p = _checks.check_int("nprobe", self.nprobe if nprobe is None else nprobe, minimum=1)
             if not self.is_trained:
                 probes = torch.full((flat.shape[0], 1), -1, dtype=torch.int64, device=flat.device)
             else:
                 probes = self._assign(flat, p)  # [M, P]
             _, slot = ops.ivf_topk(sq, probes, self.list_offsets, self.list_vectors, k, backend=self.backend)
-        ids = torch.where(slot >= 0, self.list_ids[slot.clamp_min(0)], -1)  # list slot -> bank id
+            ids = torch.where(slot >= 0, self.list_ids[slot.clamp_min(0)], -1)  # list slot -> bank id
         dist, idx = rescore(flat, self.vectors, ids, self.metric, exact_distances)
+        dist, idx = dist[:, :k].contiguous(), idx[:, :k].contiguous()
         return dist.view(*q.shape[:-1], k), idx.view(*q.shape[:-1], k)
+
+    def _filter_bank(self) -> FilterBank | None:
+        """The bank's bfloat16 copy for the CPU filter (:mod:`raid_fast.bf16_filter`), built on the
+        first search that uses it and kept while ``vectors`` stays the same tensor, unchanged."""
+        cached = self.__dict__.get("_filter_cache")
+        if cached is None or cached[0]() is not self.vectors or cached[1] != self.vectors._version:
+            cached = (weakref.ref(self.vectors), self.vectors._version, prepare_bank(self.vectors, self.metric))
+            self.__dict__["_filter_cache"] = cached
+        return cached[2]
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_filter_cache", None)  # derived, and a weak reference does not pickle
+        return state
 
     def reset(self) -> Index:
         """Removes every vector (an IVF index keeps its lists' centroids)."""
@@ -322,6 +341,8 @@ def _check_layout(path: str, index: Index, t: dict[str, torch.Tensor]) -> None:
         problems.append("list_offsets must be non-decreasing")
     if ids.dtype != torch.int64 or ids.shape != (n,) or not torch.equal(ids.sort().values, torch.arange(n)):
         problems.append(f"list_ids must be a permutation of 0..{n - 1}")
+    elif index.n_lists is None and not torch.equal(ids, torch.arange(n)):
+        problems.append("list_ids of a flat index must be 0..N-1 in order")
     c = t["centroids"]
     if index.n_lists is not None and (c.dim() != 2 or c.shape[1] != d or c.shape[0] != off.numel() - 1):
         problems.append(f"centroids must be [L, {d}] with L + 1 = {off.numel()} list offsets")

@@ -18,16 +18,23 @@ on unit vectors, ``"l2"`` on augmented vectors ``q' = [q, 1]``, ``x' = [x, -||x|
 ``q' . x' = q . x - ||x||^2 / 2``, largest where ``||q - x||^2`` is smallest). The K found are then
 scored again from the vectors, with faiss's and PatchCore's float32 arithmetic (so a drop-in gives
 their values) or, with ``exact_distances=True``, in float64; then sorted by (distance, id).
+
+On a CPU with bfloat16 dot products (AVX512-BF16, AMX), a large search with ``backend=None`` first
+narrows each query to the few bank vectors within a proven error bound of its K-th best in a
+bfloat16 matmul, and scores only those in float32 (:mod:`raid_fast.bf16_filter`;
+``RAID_FAST_CPU_FILTER=auto|on|off``): the K best float32 values over the whole bank, as faiss
+reports them, about 1.5x faster at PatchCore's size.
 """
 
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from raid_fast import _checks, ops
+from raid_fast import _checks, bf16_filter, ops
 
 METRICS = ("l2", "ip", "cosine")
 # bounds the [chunk, K, D] float64 gather of the exact re-scoring
@@ -72,28 +79,63 @@ def search_vectors(x: torch.Tensor, metric: str, side: str) -> torch.Tensor:
 
 # the last banks knn prepared for the search: repeated calls over one memory bank (PatchCore's
 # scoring loop) skip the [N, D'] copy; keyed by the tensor itself and its version counter. Two
-# entries, so that one call over a short-lived bank does not evict the bank in use.
-_BANK_CACHE: list[tuple[weakref.ref, tuple, torch.Tensor]] = []
+# entries of each kind ("search" copies, "filter" banks), so that one call over a short-lived bank
+# does not evict the bank in use.
+_BANK_CACHE: list[tuple[weakref.ref, tuple, object]] = []
 _BANK_CACHE_SIZE = 2
 
 
-def _bank_search_vectors(bank, x: torch.Tensor, metric: str) -> torch.Tensor:
-    """The bank's search vectors, validated (finite) once per tensor version."""
+def _cached_bank(bank, x: torch.Tensor, kind: str, metric: str, build: Callable[[], object]):
+    """``build()`` (the bank ``x`` prepared as ``kind``), validated (finite) and built once per
+    version of the caller's tensor ``bank``."""
     cacheable = isinstance(bank, torch.Tensor) and x is bank and not torch.compiler.is_compiling()
     if cacheable:
-        key = (metric, bank._version, bank.data_ptr(), tuple(bank.shape), bank.stride(), bank.device)
+        key = (kind, metric, bank._version, bank.data_ptr(), tuple(bank.shape), bank.stride(), bank.device)
         _BANK_CACHE[:] = [entry for entry in _BANK_CACHE if entry[0]() is not None]  # banks still alive
         for i, (ref, cached_key, prepared) in enumerate(_BANK_CACHE):
             if ref() is bank and cached_key == key:
                 _BANK_CACHE.append(_BANK_CACHE.pop(i))  # most recently used last
                 return prepared
     _checks.check_finite("bank", x)
-    prepared = search_vectors(x, metric, "bank")
+    prepared = build()
     if cacheable:
-        _BANK_CACHE[:] = [entry for entry in _BANK_CACHE if entry[0]() is not bank]  # an older version
+        # an older version of this bank goes; then the oldest entries of this kind beyond the size
+        _BANK_CACHE[:] = [e for e in _BANK_CACHE if e[0]() is not bank or e[1][0] != kind]
         _BANK_CACHE.append((weakref.ref(bank), key, prepared))
-        del _BANK_CACHE[:-_BANK_CACHE_SIZE]
+        same_kind = [i for i, e in enumerate(_BANK_CACHE) if e[1][0] == kind]
+        for i in reversed(same_kind[:-_BANK_CACHE_SIZE]):
+            del _BANK_CACHE[i]
     return prepared
+
+
+def _bank_search_vectors(bank, x: torch.Tensor, metric: str) -> torch.Tensor:
+    """The bank's search vectors [N, D'], validated (finite) once per tensor version."""
+    return _cached_bank(bank, x, "search", metric, lambda: search_vectors(x, metric, "bank"))
+
+
+def flat_search(
+    queries: torch.Tensor,
+    x: torch.Tensor,
+    k: int,
+    metric: str,
+    backend: str | None,
+    search_bank: Callable[[], torch.Tensor],
+    filter_bank: Callable[[], bf16_filter.FilterBank | None],
+) -> torch.Tensor:
+    """[M, C] candidate bank ids (C >= K, -1 pads) holding the exact K nearest of every query
+    [M, D] in the bank ``x`` [N, D]: the bfloat16 filter over ``filter_bank()`` where it applies
+    (:mod:`raid_fast.bf16_filter`), else the ``cosine_topk`` op over ``search_bank()`` [N, D']."""
+
+    def search(q: torch.Tensor) -> torch.Tensor:
+        sq = search_vectors(q, metric, "query")
+        return ops.cosine_topk(sq, search_bank(), k, unit_norm=metric == "cosine", backend=backend)[1]
+
+    m, d = queries.shape
+    if bf16_filter.applies(m, x.shape[0], d, k, queries.device, backend):
+        fb = filter_bank()
+        if fb is not None:
+            return bf16_filter.candidates(queries, fb, k, lambda rows: search(queries[rows]))
+    return search(queries)
 
 
 def rescore(
@@ -114,7 +156,9 @@ def rescore(
     dist = torch.empty(m, k, dtype=torch.float32, device=queries.device)
     rows = max(1, _RESCORE_ELEMENTS // max(1, k * queries.shape[1]))
     if not exact:
-        rows = min(rows, max(8, _RESCORE_CANDIDATES // max(1, k)))
+        # by the candidates present: the filter's [M, C] rows are mostly padding
+        per_row = max(1, -(-int((idx >= 0).sum()) // max(1, m)))
+        rows = min(rows, max(8, _RESCORE_CANDIDATES // per_row))
     for start in range(0, m, rows):
         sl = slice(start, start + rows)
         cand = idx[sl].clamp_min(0)  # [m', K]
@@ -168,7 +212,8 @@ def knn(
         exact_distances: the returned distances in float64 from the vectors (then rounded to
             float32) instead of faiss's float32 ``||q||^2 + ||x||^2 - 2 q.x``, which loses digits
             when the norms dwarf the distances. The neighbours are the same.
-        backend: ``None`` (auto) or a backend of the ``cosine_topk`` op.
+        backend: ``None`` (auto: on a CPU with bfloat16 dot products, large searches go through
+            the exact bfloat16 candidate filter) or a backend of the ``cosine_topk`` op.
 
     Returns:
         ``(dist, idx)``: float32 / int64 [M, K] (or [B, M, K]); idx indexes ``bank`` rows.
@@ -185,14 +230,17 @@ def knn(
         msg = f"sqrt=True applies to metric='l2' only, got metric={metric!r}"
         raise ValueError(msg)
     flat = q.reshape(-1, q.shape[-1])  # [B * M, D]
-    _, idx = ops.cosine_topk(
-        search_vectors(flat, metric, "query"),
-        _bank_search_vectors(bank, x, metric),
+    cand = flat_search(  # [B * M, C]
+        flat,
+        x,
         k,
-        unit_norm=metric == "cosine",
-        backend=backend,
+        metric,
+        backend,
+        lambda: _bank_search_vectors(bank, x, metric),
+        lambda: _cached_bank(bank, x, "filter", metric, lambda: bf16_filter.prepare_bank(x, metric)),
     )
-    dist, idx = rescore(flat, x, idx, metric, exact_distances)
+    dist, idx = rescore(flat, x, cand, metric, exact_distances)
+    dist, idx = dist[:, :k].contiguous(), idx[:, :k].contiguous()
     if sqrt:
         dist = dist.sqrt()
     return dist.view(*q.shape[:-1], k), idx.view(*q.shape[:-1], k)

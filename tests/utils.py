@@ -260,3 +260,40 @@ def tiny_embedded_dataset(tmp_path_factory, **sizes):
     from raid_fast.data import make_embedded_dataset
 
     return make_embedded_dataset(tmp_path_factory.mktemp("data") / "embedded", image_size=64, **sizes)
+
+
+def brute_force(q: torch.Tensor, x: torch.Tensor, metric: str) -> torch.Tensor:
+    """[M, N] float64 distances (ascending is better; ip is negated)."""
+    q, x = q.double(), x.double()
+    if metric == "l2":
+        return (q[:, None, :] - x[None, :, :]).pow(2).sum(-1)
+    if metric == "ip":
+        return -(q @ x.T)
+    return 1.0 - F.normalize(q, dim=1) @ F.normalize(x, dim=1).T
+
+
+def assert_knn(dist, idx, q, x, metric, k, atol=1e-4):
+    """dist/idx equal the exact answer: sorted, ties by smaller id, the K-th group cut anywhere."""
+    full = brute_force(q.cpu(), x.cpu(), metric)  # [M, N]
+    sign = -1.0 if metric == "ip" else 1.0
+    dist, idx = dist.cpu(), idx.cpu()
+    n = x.shape[0]
+    for row in range(q.shape[0]):
+        got = idx[row]
+        valid = got >= 0
+        assert int(valid.sum()) == min(k, n), f"row {row}: {int(valid.sum())} neighbours, expected {min(k, n)}"
+        assert bool((~valid).logical_or(valid).all())
+        g = got[valid]
+        assert g.unique().numel() == g.numel(), f"row {row}: repeated id"
+        exact = full[row, g]
+        torch.testing.assert_close(dist[row, valid].double(), sign * exact, atol=atol, rtol=1e-5)
+        # ascending (descending for ip), and exact ties in ascending id order
+        assert bool((exact[1:] >= exact[:-1] - atol).all()), f"row {row}: not sorted"
+        tie = (exact[1:] - exact[:-1]).abs() == 0
+        assert bool((g[1:][tie] > g[:-1][tie]).all()), f"row {row}: ties not by ascending id"
+        # the set strictly better than the K-th distance is the exact one
+        cut = exact.max()
+        want = set(torch.nonzero(full[row] < cut - atol).flatten().tolist())
+        assert want <= set(g.tolist()), f"row {row}: missed {sorted(want - set(g.tolist()))[:8]}"
+        missing = dist[row, ~valid]
+        assert bool(torch.isinf(missing).all()) and bool(((missing < 0) == (metric == "ip")).all())
