@@ -26,13 +26,14 @@ METRICS = IMAGE_METRICS + PIXEL_METRICS
 DEMO = {"image_size": 256, "seed": 0, "n_semantic": 50, "k": 150, "nprobe": 5, "epochs": 20, "batch_size": 8}
 
 
-def dataset_root(data: str | None, image_size: int, workdir: Path) -> Path:
-    """``data``, or the embedded dataset generated at ``image_size`` (seed 0) under ``workdir``."""
+def dataset_root(data: str | None, image_size: int, workdir: Path, **counts: int) -> Path:
+    """``data``, or the embedded dataset generated at ``image_size`` (seed 0) under ``workdir``
+    (``counts``: the generator's image counts, e.g. ``n_test_good``; its defaults otherwise)."""
     if data is not None:
         return Path(data)
     from raid_fast.data import make_embedded_dataset
 
-    return make_embedded_dataset(workdir / "embedded", seed=DEMO["seed"], image_size=image_size)
+    return make_embedded_dataset(workdir / "embedded", seed=DEMO["seed"], image_size=image_size, **counts)
 
 
 def test_split(root: Path, image_size: int):
