@@ -215,6 +215,17 @@ def test_index_file_damage_is_an_error(tmp_path):
     save_file(tensors, tmp_path / "crafted.safetensors", metadata=meta)
     with pytest.raises(ValueError, match="list_offsets must be int64"):
         rf.Index.load(tmp_path / "crafted.safetensors")
+    # a flat index whose list slots are not the bank ids (its search reads slots as ids)
+    flat_path = tmp_path / "flat.safetensors"
+    rf.Index(_data(n=50)[1], metric="l2").save(flat_path)
+    with safe_open(flat_path, framework="pt") as fh:
+        meta = fh.metadata()
+    tensors = load_file(flat_path)
+    tensors["list_ids"] = tensors["list_ids"].flip(0).contiguous()
+    meta["sha256"] = json.dumps({k: _sha256(v) for k, v in tensors.items()})
+    save_file(tensors, tmp_path / "shuffled.safetensors", metadata=meta)
+    with pytest.raises(ValueError, match="list_ids of a flat index must be 0..N-1 in order"):
+        rf.Index.load(tmp_path / "shuffled.safetensors")
     with pytest.raises(FileNotFoundError):
         rf.Index.load(tmp_path / "missing.safetensors")
 
