@@ -127,6 +127,7 @@ def test_filter_layouts_batches_numpy_and_missing(filter_on):
     assert_knn(d3, i3, q, x[:5], "l2", 8)
     d4, i4 = rf.knn(q[:0], x, 2)
     assert d4.shape == i4.shape == (0, 2)
+    assert filter_on["calls"] == 3  # no queries: nothing to filter
 
 
 @pytest.mark.parametrize("metric", ["l2", "ip", "cosine"])
