@@ -36,6 +36,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from raid_fast import _checks, _dispatch
+
 # None: the RAID_FAST_CPU_FILTER environment variable, else "auto"
 MODE: str | None = None
 MODES = ("auto", "on", "off")
@@ -59,9 +61,7 @@ def mode() -> str:
     """``"auto"`` (the filter where the CPU has bfloat16 dot products and the search is large),
     ``"on"`` (every CPU search with ``backend=None``, whatever the CPU: tests) or ``"off"``."""
     value = MODE if MODE is not None else os.environ.get("RAID_FAST_CPU_FILTER", "auto")
-    if value not in MODES:
-        msg = f"RAID_FAST_CPU_FILTER must be one of {list(MODES)}, got {value!r}"
-        raise ValueError(msg)
+    _checks.check_choice("RAID_FAST_CPU_FILTER", value, MODES)
     return value
 
 
@@ -81,7 +81,7 @@ def applies(m: int, n: int, d: int, k: int, device: torch.device, backend: str |
     """Whether a flat search of M queries over N vectors goes through the filter."""
     if backend is not None or device.type != "cpu" or m == 0 or n == 0 or torch.compiler.is_compiling():
         return False
-    if os.environ.get("RAID_FAST_BACKEND"):  # a backend asked for by name serves the whole search
+    if os.environ.get(_dispatch.ENV_BACKEND):  # a backend asked for by name serves the whole search
         return False
     chosen = mode()
     if chosen != "auto":
